@@ -1,0 +1,214 @@
+"""policy.py against independent references: float64 forwards, hand-written pooling, HF save/load."""
+import copy
+import json
+
+import pytest
+import torch
+
+import policy
+from conftest import SHARED_DATA, VOCAB
+
+TEXTS = ["A man is playing a guitar.", "a", "Why is the sky blue? Because air scatters short waves."]
+
+
+def ragged_batch(B=3, P=9, seed=0):
+    """Random ids, left-padded to different lengths, and a completion mask over the last 4 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (B, P), generator=g)
+    mask = torch.ones(B, P, dtype=torch.long)
+    for i in range(B):
+        mask[i, : 2 * i] = 0  # row i has 2*i pad tokens on the left
+    ids[mask == 0] = 0
+    completion = torch.zeros_like(mask)
+    completion[:, -4:] = 1
+    return ids, mask, completion
+
+
+def reference_logprobs(model, ids, mask, temperature=1.0):
+    """log_softmax of a plain full forward, in float64: (B, T) with entry t = log p(ids[t] | ids[<t])."""
+    m64 = copy.deepcopy(model).double()
+    logits = m64(input_ids=ids, attention_mask=mask, position_ids=policy.position_ids_from(mask)).logits
+    logp = (logits[:, :-1] / temperature).log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return torch.cat([torch.zeros(ids.shape[0], 1, dtype=torch.float64), logp], dim=1)
+
+
+# ----------------------------------------------------------------------------- tiny model and loading
+
+def test_tiny_is_deterministic_per_seed_and_small(tiny):
+    model, tokenizer = tiny
+    again, _ = policy.load("tiny", seed=0)
+    other, _ = policy.load("tiny", seed=1)
+    sd, sd2, sd3 = model.state_dict(), again.state_dict(), other.state_dict()
+    assert all(torch.equal(sd[k], sd2[k]) for k in sd)
+    assert not all(torch.equal(sd[k], sd3[k]) for k in sd)
+    n = sum(p.numel() for p in model.parameters())
+    assert 1e5 < n < 1e6, n
+    assert not model.training
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+def test_tiny_does_not_touch_global_rng():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    policy.load("tiny", seed=7)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_tiny_round_trips_through_save_and_from_pretrained(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer = tiny
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    loaded_tok = AutoTokenizer.from_pretrained(tmp_path)
+    sd, sd2 = model.state_dict(), loaded.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    # ids must survive the round trip on text the tokenizer never saw (unicode, digits, odd spacing)
+    texts = TEXTS + ["Ünïcödé — 漢字 123,456.7  tabs\tand\nnewlines <think>x</think>"]
+    sts = SHARED_DATA / "stsbenchmark" / "dev.jsonl"  # real sentences, where the shared data is present
+    if sts.exists():
+        texts += [json.loads(line)["sentence1"] for line in sts.read_text().splitlines()[:200]]
+    for t in texts:
+        assert loaded_tok(t)["input_ids"] == tokenizer(t)["input_ids"], t
+        assert loaded_tok.decode(tokenizer(t)["input_ids"]) == t
+    ids, mask, _ = policy.build_prompts(tokenizer, TEXTS)
+    ids2, mask2, _ = policy.build_prompts(loaded_tok, TEXTS)
+    assert torch.equal(ids, ids2) and torch.equal(mask, mask2)
+    # and policy.load of the folder is the same model, left-padded
+    m3, t3 = policy.load(str(tmp_path))
+    assert t3.padding_side == "left"
+    with torch.no_grad():
+        assert torch.equal(m3(input_ids=ids, attention_mask=mask).logits, model(input_ids=ids, attention_mask=mask).logits)
+
+
+def test_load_errors_name_the_missing_model(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no-such-folder"):
+        policy.load(str(tmp_path / "no-such-folder"))
+    with pytest.raises(FileNotFoundError, match="nobody/no-such-model"):
+        policy.load("nobody/no-such-model")  # offline in tests: must fail at once, with the name
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty"):
+        policy.load(str(tmp_path / "empty"))
+
+
+def test_load_sets_pad_token_when_missing(tiny, tmp_path):
+    model, tokenizer = tiny
+    tok = copy.deepcopy(tokenizer)
+    tok.pad_token = None
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    _, loaded = policy.load(str(tmp_path))
+    assert loaded.pad_token == loaded.eos_token
+
+
+# ----------------------------------------------------------------------------- prompts
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_build_prompts_left_pads_and_marks_the_text(tiny, chat):
+    _, tokenizer = tiny
+    tok = copy.deepcopy(tokenizer)
+    if not chat:
+        tok.chat_template = None  # the plain fallback format
+    ids, mask, start = policy.build_prompts(tok, TEXTS)
+    assert ids.shape == mask.shape and start.shape == (len(TEXTS),)
+    for i, text in enumerate(TEXTS):
+        n_pad = int((mask[i] == 0).sum())
+        assert mask[i, :n_pad].sum() == 0 and mask[i, n_pad:].all()  # all padding on the left
+        assert (ids[i, :n_pad] == tok.pad_token_id).all()
+        pooled = tok.decode(ids[i, start[i]:])
+        # pooling begins at the text's first token (byte-level BPE may glue the space before it on)
+        assert pooled.startswith(text) or (not chat and pooled.startswith(" " + text))
+        assert policy.DEFAULT_SYSTEM_PROMPT not in pooled  # ... after the system prompt
+        head = tok.decode(ids[i, n_pad:start[i]])
+        assert policy.DEFAULT_SYSTEM_PROMPT in head  # the system prompt ends before the pool, and the
+        assert head.endswith("<|im_start|>user\n") if chat else head.rstrip(" ").endswith("Text:")  # pool starts right after the user header
+
+
+def test_build_prompts_truncates_the_text_to_fit(tiny):
+    _, tokenizer = tiny
+    ids, mask, start, cut = policy.build_prompts(tokenizer, ["word " * 300, "short"], max_length=160,
+                                                 return_truncated=True)
+    assert ids.shape[1] <= 160 and cut.tolist() == [True, False]
+    assert tokenizer.decode(ids[0, start[0]:]).startswith("word word")
+    assert tokenizer.decode(ids[0]).rstrip().endswith("assistant")  # the template's end survives
+    with pytest.raises(ValueError, match="too short"):
+        policy.build_prompts(tokenizer, ["x"], max_length=10)
+
+
+# ----------------------------------------------------------------------------- embed
+
+def test_embed_equals_float64_hand_pooling(arch_model):
+    ids, mask, _ = ragged_batch()
+    pool_start = torch.tensor([2, 4, 6])  # inside each row's real tokens
+    pool = policy.pool_mask_from(mask, pool_start)
+    got = policy.embed(arch_model, ids, mask, pool)
+    assert got.dtype == torch.float32 and got.shape == (3, arch_model.config.hidden_size)
+    m64 = copy.deepcopy(arch_model).double()
+    with torch.no_grad():
+        hs = m64(input_ids=ids, attention_mask=mask, position_ids=policy.position_ids_from(mask),
+                 output_hidden_states=True).hidden_states[-1]  # (B, T, H) float64
+    for i in range(3):
+        rows = [hs[i, t] for t in range(ids.shape[1]) if mask[i, t] and t >= pool_start[i]]
+        mean = sum(rows) / len(rows)
+        assert torch.allclose(got[i].double(), mean / mean.norm(), atol=1e-5)
+
+
+def test_padding_and_system_prompt_never_enter_the_pool(tiny):
+    model, tokenizer = tiny
+    ids, mask, start = policy.build_prompts(tokenizer, TEXTS)
+    pool = policy.pool_mask_from(mask, start)
+    assert not (pool & (mask == 0)).any()
+    # poison every position outside the pool: the pooled mean must not change
+    hidden = policy.hidden_states(model, ids, mask).detach()
+    poisoned = hidden.clone()
+    poisoned[~pool] = float("nan")
+    assert torch.equal(policy.mean_pool(poisoned, pool), policy.mean_pool(hidden, pool))
+    # a text's embedding does not depend on how much padding its batch needs
+    alone = [policy.embed(model, *policy.build_prompts(tokenizer, [t])[:2],
+                          policy.pool_mask_from(*policy.build_prompts(tokenizer, [t])[1:])) for t in TEXTS]
+    batched = policy.embed(model, ids, mask, pool)
+    assert torch.allclose(torch.cat(alone), batched, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- token_logprobs
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_token_logprobs_equal_float64_log_softmax(arch_model, temperature):
+    ids, mask, completion = ragged_batch()
+    got = policy.token_logprobs(arch_model, ids, mask, completion, temperature=temperature)
+    ref = reference_logprobs(arch_model, ids, mask, temperature)
+    assert got.dtype == torch.float32 and got.shape == ids.shape
+    on = completion.bool()
+    assert torch.allclose(got[on].double(), ref[on], atol=1e-5)
+    assert (got[~on] == 0).all()  # unmasked positions are exactly 0
+    full = torch.ones_like(completion)  # every position (the first has no prefix: 0)
+    got_full = policy.token_logprobs(arch_model, ids, mask, full)
+    real = mask.bool().clone()
+    real[:, 0] = False
+    real &= torch.roll(mask.bool(), 1, dims=1)  # a token after padding has no real prefix of its own
+    assert torch.allclose(got_full[real].double(), reference_logprobs(arch_model, ids, mask)[real], atol=1e-5)
+
+
+def test_chunked_logprobs_and_gradients_equal_unchunked(tiny):
+    model, tokenizer = tiny
+    ids, mask, _ = policy.build_prompts(tokenizer, TEXTS)
+    completion = torch.zeros_like(mask)
+    completion[:, -7:] = 1
+    weights = torch.randn(ids.shape, generator=torch.Generator().manual_seed(0))
+
+    def run(chunk):
+        model.zero_grad()
+        with torch.enable_grad():
+            lp = policy.token_logprobs(model, ids, mask, completion, chunk_size=chunk)
+            (lp * weights).sum().backward()
+        return lp.detach(), [p.grad.clone() for p in model.parameters()]
+
+    lp_small, g_small = run(2)  # many chunks, checkpointed
+    lp_big, g_big = run(10**6)  # one chunk
+    assert torch.allclose(lp_small, lp_big, atol=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(g_small, g_big))  # float32 sum order
+    assert any(g.abs().sum() > 0 for g in g_small)
+    model.zero_grad(set_to_none=True)
