@@ -1,0 +1,170 @@
+"""GRACE's contrastive rewards: one scalar per main rollout, computed from embeddings.
+
+Every input is an (N, H) tensor of L2-normalised embeddings laid out group by group: N = n groups x G,
+rows g*G .. g*G+G-1 are group g (the G rationales of one text). `query` and `negative` hold the group's
+one query / negative embedding repeated on each of its G rows (as the release lays them out). For unit
+vectors cos(a, b) = a . b, so every term is a dot product. Pure tensor math, float32, no loops.
+
+    supervised    r_i = s_pos + s_neg + w_clu s_clu + w_x s_x             (grace_rewards)
+    unsupervised  r_i = s_pos + w_clu s_clu - w_x s_x                     (unsupervised_rewards)
+    infonce       r_i = log softmax_c(cos(m_i, c) / tau)[own query]       (infonce_rewards, not GRACE's)
+
+With with_scale every term is divided by tau. A rollout that hit the length limit without EOS gets
+exactly -1 instead (not divided by tau), as in the release.
+
+Why the two cross-group terms differ: the release's supervised reward subtracts the *largest*
+similarity between a group's query and another group's rollouts (a hard-negative style term that never
+involves main_i), while its unsupervised reward subtracts the *mean* similarity between main_i and the
+other groups' representative queries (which does involve main_i). Both are kept as released.
+
+What reaches the gradient: GRPO subtracts each group's mean reward. In the supervised reward s_neg and
+s_x are the same for all G members of a group, so they cancel exactly: they move the logged reward,
+never the policy. Only s_pos, s_clu and the length penalty steer it, and neither pushes different
+texts apart (see README, "What the reward really optimises"). infonce_rewards is the per-rollout
+alternative: every candidate similarity involves main_i, so every part varies within the group.
+"""
+import torch
+
+
+def _groups(x, group_size):
+    """(N, H) -> (n, G, H), float32."""
+    return x.float().reshape(-1, group_size, x.shape[-1])
+
+
+def _check(group_size, truncated, **embeddings):
+    """ValueError naming the problem: shapes, divisibility, truncated's length."""
+    if not (isinstance(group_size, int) and group_size >= 1):
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    shapes = {k: tuple(v.shape) for k, v in embeddings.items() if v is not None}
+    for name, shape in shapes.items():
+        if len(shape) != 2:
+            raise ValueError(f"{name} must be 2-D (N, H), got shape {shape}")
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"embeddings must all have the same shape (N, H), got {shapes}")
+    N = next(iter(shapes.values()))[0]
+    if N == 0 or N % group_size:
+        raise ValueError(f"N = {N} rows is not a positive multiple of group_size = {group_size}")
+    if truncated is not None and tuple(truncated.shape) != (N,):
+        raise ValueError(f"truncated must have shape ({N},), got {tuple(truncated.shape)}")
+
+
+# ----------------------------------------------------------------------------- the terms (unscaled)
+
+def positive_term(query, main):
+    """s_pos_i = cos(q_g(i), m_i)"""
+    return (query.float() * main.float()).sum(-1)  # (N,)
+
+
+def negative_term(query, negative):
+    """s_neg_i = -cos(q_g(i), n_g(i))  (one value per group)"""
+    return -(query.float() * negative.float()).sum(-1)  # (N,)
+
+
+def clustering_term(main, group_size):
+    """s_clu_i = 1/(G-1) sum_{j != i in group} cos(m_i, m_j); 0 when G = 1."""
+    if group_size == 1:
+        return torch.zeros(main.shape[0], device=main.device)
+    m = _groups(main, group_size)  # (n, G, H)
+    sims = m @ m.transpose(1, 2)  # (n, G, G)
+    off_diagonal = sims.sum(-1) - sims.diagonal(dim1=1, dim2=2)  # (n, G): sum over j != i
+    return (off_diagonal / (group_size - 1)).reshape(-1)
+
+
+def _mean_over_other_groups(x):
+    """x: (n, n) -> (n,) row means over the off-diagonal entries (0 when n = 1)."""
+    n = x.shape[0]
+    if n == 1:
+        return torch.zeros(1, device=x.device)
+    return (x.sum(-1) - x.diagonal()) / (n - 1)
+
+
+def cross_group_supervised(query, main, group_size):
+    """s_x_i = -1/(n-1) sum_{g' != g(i)} max_k cos(q_g(i), m_{g',k})  (one value per group)"""
+    q = _groups(query, group_size)[:, 0]  # (n, H): each group's query
+    m = _groups(main, group_size)  # (n, G, H)
+    hardest = torch.einsum("ah,bkh->abk", q, m).amax(-1)  # (n, n): [g, g'] = max_k cos(q_g, m_g'k)
+    return -_mean_over_other_groups(hardest).repeat_interleave(group_size)
+
+
+def cross_group_unsupervised(query, main, group_size):
+    """s_x_i = 1/(n-1) sum_{g' != g(i)} cos(m_i, q_g')  (subtracted by the caller)"""
+    q = _groups(query, group_size)[:, 0]  # (n, H)
+    m = _groups(main, group_size)  # (n, G, H)
+    sims = torch.einsum("akh,bh->akb", m, q)  # (n, G, n): [g, k, g'] = cos(m_gk, q_g')
+    n = q.shape[0]
+    if n == 1:
+        return torch.zeros(main.shape[0], device=main.device)
+    own = sims.diagonal(dim1=0, dim2=2).T  # (n, G): cos(m_gk, q_g)
+    return ((sims.sum(-1) - own) / (n - 1)).reshape(-1)
+
+
+# ----------------------------------------------------------------------------- the rewards
+
+def _finish(total, parts, truncated, length_penalty):
+    """r_i = -1 for rollouts that hit the length limit without EOS (not divided by tau)."""
+    if truncated is not None:
+        parts["truncated"] = truncated.float()
+        if length_penalty:
+            total = torch.where(truncated.bool(), torch.full_like(total, -1.0), total)
+    return total, parts
+
+
+def grace_rewards(query, main, negative, group_size, *, temperature=0.1, with_scale=True,
+                  clustering_weight=0.2, cross_group_weight=0.2, truncated=None, length_penalty=True):
+    """Supervised GRACE reward -> (rewards (N,), parts).
+
+    r_i = s_pos + s_neg + w_clu s_clu + w_x s_x, every term / tau when with_scale.
+    parts holds each term as it enters the sum before its weight (scaled, unweighted): positive,
+    negative, clustering, cross_group, and truncated (0/1) when given. negative may be None (no term).
+    """
+    _check(group_size, truncated, query=query, main=main, negative=negative)
+    scale = 1.0 / temperature if with_scale else 1.0
+    parts = {
+        "positive": positive_term(query, main) * scale,
+        "negative": (negative_term(query, negative) if negative is not None
+                     else torch.zeros(main.shape[0], device=main.device)) * scale,
+        "clustering": clustering_term(main, group_size) * scale,
+        "cross_group": cross_group_supervised(query, main, group_size) * scale,
+    }
+    total = (parts["positive"] + parts["negative"] + clustering_weight * parts["clustering"]
+             + cross_group_weight * parts["cross_group"])
+    return _finish(total, parts, truncated, length_penalty)
+
+
+def unsupervised_rewards(query, main, group_size, *, temperature=0.1, with_scale=True,
+                         clustering_weight=0.2, cross_group_weight=0.2, truncated=None, length_penalty=True):
+    """Unsupervised GRACE reward -> (rewards (N,), parts). The text's own low-temperature rationale
+    is the query. r_i = s_pos + w_clu s_clu - w_x s_x, every term / tau when with_scale.
+    parts: positive, clustering, cross_group (scaled, unweighted, before the minus sign), truncated."""
+    _check(group_size, truncated, query=query, main=main)
+    scale = 1.0 / temperature if with_scale else 1.0
+    parts = {
+        "positive": positive_term(query, main) * scale,
+        "clustering": clustering_term(main, group_size) * scale,
+        "cross_group": cross_group_unsupervised(query, main, group_size) * scale,
+    }
+    total = parts["positive"] + clustering_weight * parts["clustering"] - cross_group_weight * parts["cross_group"]
+    return _finish(total, parts, truncated, length_penalty)
+
+
+def infonce_rewards(query, main, negative, group_size, *, temperature=0.1, truncated=None,
+                    length_penalty=True, **_ignored):
+    """Per-rollout contrastive reward -> (rewards (N,), parts).
+
+    r_i = cos(m_i, q_g(i))/tau - logsumexp_c cos(m_i, c)/tau, over the candidates c = every group's
+    query and (when given) every group's negative: the log-probability that main_i picks out its own
+    query. parts: positive (the first term), logsumexp (the second), truncated.
+    Extra keyword arguments (the release reward's weights) are accepted and ignored, so train.py can
+    pass one set of options to either reward.
+    """
+    _check(group_size, truncated, query=query, main=main, negative=negative)
+    candidates = _groups(query, group_size)[:, 0]  # (n, H): own query of group g is candidate g
+    if negative is not None:
+        candidates = torch.cat([candidates, _groups(negative, group_size)[:, 0]])  # (2n, H)
+    logits = main.float() @ candidates.T / temperature  # (N, C)
+    own = torch.arange(main.shape[0], device=main.device) // group_size  # (N,) group of each row
+    parts = {
+        "positive": logits.gather(1, own[:, None]).squeeze(1),
+        "logsumexp": logits.logsumexp(-1),
+    }
+    return _finish(parts["positive"] - parts["logsumexp"], parts, truncated, length_penalty)
