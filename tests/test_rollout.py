@@ -1,0 +1,227 @@
+"""rollout.sample: same tokens as transformers' generate, masks by position, the intended distribution."""
+import itertools
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import rollout
+from conftest import VOCAB
+
+NEW = 10
+
+
+def ragged_prompts(batch=4, length=7, pads=(0, 2, 5, 1), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    for i, p in enumerate(pads[:batch]):
+        ids[i, :p], mask[i, :p] = 0, 0
+    return ids, mask
+
+
+def hf_greedy(model, ids, mask, eos, pad=0, new=NEW):
+    return model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new,
+                          eos_token_id=eos, pad_token_id=pad)
+
+
+def first_hit(tokens, eos):
+    """(B,) step of each row's first token in `eos` (len(row) if none), from a (B, T) greedy run."""
+    hits = torch.isin(tokens, torch.tensor(eos))
+    return [int(row.nonzero()[0]) if row.any() else tokens.size(1) for row in hits]
+
+
+def pick_eos(tokens):
+    """EOS ids (one or two tokens the greedy run does emit) that stop rows at different steps and
+    leave at least one row running to the end, so stopping and truncation are both exercised."""
+    candidates = sorted(set(tokens[:, 1:].flatten().tolist()))
+    best, best_score = None, 0
+    for eos in itertools.chain(([c] for c in candidates), (list(p) for p in itertools.combinations(candidates, 2))):
+        steps = first_hit(tokens, eos)
+        if max(steps) < tokens.size(1) or min(steps) == tokens.size(1):
+            continue  # need some row never stopping and some row stopping
+        score = len(set(steps))
+        if score > best_score:
+            best, best_score = eos, score
+    assert best is not None and best_score >= 2, tokens
+    return best
+
+
+def check_masks(r, prompt_mask, eos):
+    """Masks by position: completion_mask covers generated tokens up to and including the first EOS."""
+    P = prompt_mask.size(1)
+    assert r.completion_mask[:, :P].eq(0).all()
+    assert torch.equal(r.attention_mask[:, :P], prompt_mask)
+    comp = r.sequences[:, P:]
+    for i, step in enumerate(first_hit(comp, eos)):
+        n = min(step + 1, comp.size(1))  # tokens kept: up to and including EOS
+        assert r.completion_mask[i, P:P + n].eq(1).all() and r.completion_mask[i, P + n:].eq(0).all()
+        assert torch.equal(r.attention_mask[i, P:], r.completion_mask[i, P:])
+        assert bool(r.truncated[i]) == (step == comp.size(1))
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["plain", "static"])
+def test_greedy_matches_generate_without_eos(arch_model, static):
+    ids, mask = ragged_prompts()
+    ref = hf_greedy(arch_model, ids, mask, eos=None)
+    r = rollout.sample(arch_model, ids, mask, NEW, temperature=0, static_cache=static)
+    assert torch.equal(r.sequences, ref)
+    assert r.truncated.all() and r.completion_mask[:, ids.size(1):].eq(1).all()
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["plain", "static"])
+def test_greedy_matches_generate_with_eos(arch_model, static):
+    ids, mask = ragged_prompts()
+    free = rollout.sample(arch_model, ids, mask, NEW, temperature=0).sequences[:, ids.size(1):]
+    eos = pick_eos(free)
+    pad = 127 if 127 not in eos else 126  # pad != eos here; pad == eos (GPT-2 style) is tested below
+    ref = hf_greedy(arch_model, ids, mask, eos=eos, pad=pad)
+    r = rollout.sample(arch_model, ids, mask, NEW, temperature=0, eos_token_id=eos, pad_token_id=pad,
+                       static_cache=static)
+    assert torch.equal(r.sequences, ref)  # also the same length: both stop when every row is done
+    check_masks(r, mask, eos)
+    steps = first_hit(r.sequences[:, ids.size(1):], eos)
+    for i, step in enumerate(steps):  # after EOS: pad only
+        assert r.sequences[i, ids.size(1) + step + 1:].eq(pad).all()
+
+
+def test_pad_equal_to_eos_keeps_eos_in_completion(gpt2_model):
+    ids, mask = ragged_prompts()
+    free = rollout.sample(gpt2_model, ids, mask, NEW, temperature=0).sequences[:, ids.size(1):]
+    eos = int(free[1, 0])  # row 1 stops at once; pad is the same id (GPT-2 style)
+    ref = hf_greedy(gpt2_model, ids, mask, eos=eos, pad=eos)
+    r = rollout.sample(gpt2_model, ids, mask, NEW, temperature=0, eos_token_id=eos, pad_token_id=eos)
+    assert torch.equal(r.sequences, ref)
+    check_masks(r, mask, [eos])
+    P = ids.size(1)
+    assert r.completion_mask[1, P] == 1 and r.completion_mask[1, P + 1:].eq(0).all()
+
+
+def test_all_rows_finish_early_and_not_truncated(qwen2_model):
+    ids, mask = ragged_prompts()
+    free = rollout.sample(qwen2_model, ids, mask, NEW, temperature=0).sequences[:, ids.size(1):]
+    eos = sorted(set(free[:, 1].tolist()))  # every row emits one of these at step 1
+    r = rollout.sample(qwen2_model, ids, mask, NEW, temperature=0, eos_token_id=eos)
+    assert r.sequences.size(1) <= ids.size(1) + 2 and not r.truncated.any()
+    check_masks(r, mask, eos)
+
+
+def test_no_padding_and_batch_of_one(qwen2_model):
+    ids, mask = ragged_prompts(batch=3, pads=(0, 0, 0))
+    for static in (False, True):
+        r = rollout.sample(qwen2_model, ids, mask, NEW, temperature=0, static_cache=static)
+        assert torch.equal(r.sequences, hf_greedy(qwen2_model, ids, mask, eos=None))
+        one = rollout.sample(qwen2_model, ids[:1], mask[:1], NEW, temperature=0, static_cache=static)
+        assert torch.equal(one.sequences, r.sequences[:1])
+        assert one.sequences.shape == (1, ids.size(1) + NEW) and one.truncated.tolist() == [True]
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["plain", "static"])
+def test_seed_reproduces_rollout(qwen2_model, static):
+    ids, mask = ragged_prompts()
+    run = lambda seed, st=static: rollout.sample(  # noqa: E731
+        qwen2_model, ids, mask, NEW, temperature=1.0, top_p=0.9, top_k=50, eos_token_id=[3, 4],
+        generator=torch.Generator().manual_seed(seed), static_cache=st)
+    a, b, c = run(0), run(0), run(1)
+    for field in ("sequences", "attention_mask", "completion_mask", "truncated"):
+        assert torch.equal(getattr(a, field), getattr(b, field))
+    assert not torch.equal(a.sequences, c.sequences)
+    # same draws on both paths, and the logits agree well enough to give the same tokens
+    assert torch.equal(a.sequences, run(0, st=not static).sequences)
+
+
+# ----------------------------------------------------------------------------- the distribution
+
+class FixedLogits(torch.nn.Module):
+    """A stand-in LM whose next-token logits are always `logits` (V,), with the forward interface
+    rollout.sample uses."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.register_buffer("fixed", logits)
+
+    def forward(self, input_ids, attention_mask, position_ids, cache=None, use_cache=True, logits_to_keep=0):
+        B = input_ids.size(0)
+        return SimpleNamespace(logits=self.fixed.expand(B, 1, -1), cache=cache)
+
+
+LOGITS = torch.tensor([2.0, 1.1, 0.4, -0.3, 1.6, -1.2, 0.8, 0.1, -2.0, 0.55])
+N = 40_000  # rows, one token each
+
+
+def empirical(temperature, top_k=0, top_p=1.0, seed=0):
+    model = FixedLogits(LOGITS.to(torch.bfloat16))  # bf16 model logits: sampling must still be float32
+    ids = torch.full((N, 1), 5)
+    r = rollout.sample(model, ids, torch.ones_like(ids), 1, temperature=temperature, top_k=top_k, top_p=top_p,
+                       generator=torch.Generator().manual_seed(seed))
+    assert r.sequences.shape == (N, 2) and r.completion_mask[:, 1].eq(1).all()
+    return torch.bincount(r.sequences[:, 1], minlength=len(LOGITS)).double() / N
+
+
+def expected(temperature, support=None):
+    """softmax(logits / T) in float64, renormalised on `support` (a list of token ids)."""
+    x = LOGITS.double() / temperature
+    keep = torch.zeros(len(x), dtype=torch.bool)
+    keep[support if support is not None else list(range(len(x)))] = True
+    return torch.where(keep, x, torch.tensor(-math.inf, dtype=torch.float64)).softmax(0)
+
+
+def assert_close(freq, p):
+    # Each frequency is a mean of N Bernoulli(p) draws: sd = sqrt(p(1-p)/N) (<= 0.0025 at N=40k).
+    # 5 sd per token keeps a false alarm below 1e-5 per token; a wrong temperature or support
+    # shifts some frequency by far more. Outside the support the count must be exactly 0.
+    assert (freq[p == 0] == 0).all(), (freq, p)
+    tol = 5 * (p * (1 - p) / N).sqrt() + 1e-4
+    assert ((freq - p).abs() <= tol).all(), (freq, p)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+def test_sampling_follows_tempered_softmax(temperature):
+    assert_close(empirical(temperature), expected(temperature))
+
+
+def by_hand_order(temperature):
+    x = (LOGITS.double() / temperature).tolist()
+    return sorted(range(len(x)), key=lambda i: -x[i])
+
+
+def test_top_k_support_and_renormalised_probs():
+    for k in (1, 3, 6):
+        support = by_hand_order(0.8)[:k]
+        assert_close(empirical(0.8, top_k=k), expected(0.8, support))
+
+
+def test_top_p_support_and_renormalised_probs():
+    T = 1.0
+    p_full = expected(T)
+    for top_p in (0.3, 0.62, 0.9):
+        support, mass = [], 0.0
+        for i in by_hand_order(T):  # smallest set of the most likely tokens reaching top_p
+            support.append(i)
+            mass += float(p_full[i])
+            if mass >= top_p:
+                break
+        assert abs(mass - top_p) > 1e-3  # not a float-rounding borderline case
+        assert_close(empirical(T, top_p=top_p), expected(T, support))
+    # a tiny p keeps just the most likely token
+    assert_close(empirical(T, top_p=1e-6), expected(T, by_hand_order(T)[:1]))
+
+
+def test_top_k_then_top_p():
+    T, k, top_p = 0.7, 4, 0.8
+    order = by_hand_order(T)[:k]
+    p_k = expected(T, order)
+    support, mass = [], 0.0
+    for i in order:
+        support.append(i)
+        mass += float(p_k[i])
+        if mass >= top_p:
+            break
+    assert_close(empirical(T, top_k=k, top_p=top_p), expected(T, support))
+
+
+def test_greedy_on_fixed_logits_and_filter_logits():
+    assert empirical(0).eq(torch.eye(len(LOGITS))[int(LOGITS.argmax())].double()).all()
+    out = rollout.filter_logits(torch.tensor([[0.0, 3.0, 1.0, 2.0]]), top_k=2)
+    assert torch.isinf(out[0, [0, 2]]).all() and torch.equal(out[0, [1, 3]], torch.tensor([3.0, 2.0]))
