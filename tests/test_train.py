@@ -1,0 +1,216 @@
+"""train.py: the GRPO math against float64 formulas, one policy-gradient step, and the CLI end to end."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import policy
+import train
+from conftest import ROOT, shared_data
+
+FAST = ["--batch-size", "4", "--group-size", "2", "--mini-batch-size", "2", "--max-new-tokens", "6",
+        "--max-prompt-tokens", "256", "--log-rationales", "0", "--save-every", "2"]
+
+
+# ----------------------------------------------------------------------------- advantages
+
+def test_group_advantages_match_formula():
+    r = torch.tensor([1.0, 2.0, 3.0, 6.0, -1.0, -1.0, -1.0, -1.0, 0.5, 0.0, 0.0, 0.0])
+    got = train.group_advantages(r, 4)
+    rd = r.double().reshape(3, 4)
+    want = (rd - rd.mean(1, keepdim=True)).reshape(-1)
+    assert torch.allclose(got.double(), want, atol=1e-6)
+    scaled = train.group_advantages(r, 4, scale_by_std=True)
+    pop_std = ((rd - rd.mean(1, keepdim=True)) ** 2).mean(1, keepdim=True).sqrt()  # population std
+    want_scaled = ((rd - rd.mean(1, keepdim=True)) / (pop_std + 1e-6)).reshape(-1)
+    assert torch.allclose(scaled.double(), want_scaled, atol=1e-5)
+    assert torch.equal(scaled[4:8], torch.zeros(4))  # a zero-variance group: 0, not NaN
+    g1 = train.group_advantages(torch.tensor([3.0, -2.0]), 1, scale_by_std=True)
+    assert torch.equal(g1, torch.zeros(2))  # G = 1: no baseline signal, no NaN
+
+
+# ----------------------------------------------------------------------------- loss
+
+def reference_loss(logp, old, ref, adv, mask, eps, coef, kl_type, aggregation, L, dual_clip):
+    """float64, token by token, as method.md writes it."""
+    B, T = logp.shape
+    per = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            rho = torch.exp(logp[b, t] - old[b, t])
+            A = adv[b]
+            pg = torch.maximum(-rho * A, -torch.clamp(rho, 1 - eps, 1 + eps) * A)
+            if dual_clip is not None and A < 0:
+                pg = torch.minimum(pg, -dual_clip * A)
+            d = ref[b, t] - logp[b, t]
+            k = {"k1": -d, "k2": d * d / 2, "k3": torch.exp(d) - d - 1}[kl_type]
+            per[b, t] = pg + coef * k
+    m = mask.double()
+    if aggregation == "token":
+        return (per * m).sum() / m.sum()
+    if aggregation == "sequence":
+        return torch.stack([(per[b] * m[b]).sum() / m[b].sum() for b in range(B)]).mean()
+    return (per * m).sum() / (B * L)
+
+
+@pytest.mark.parametrize("kl_type", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("aggregation", ["token", "sequence", "constant"])
+def test_policy_loss_value_and_gradient_match_float64(kl_type, aggregation):
+    g = torch.Generator().manual_seed(0)
+    B, T = 4, 7
+    logp = (-torch.rand(B, T, generator=g, dtype=torch.float64) * 3)
+    old = logp + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3  # ratios inside and outside the clip
+    ref = logp + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.5
+    adv = torch.tensor([1.5, -0.7, 0.0, -2.0], dtype=torch.float64)
+    mask = torch.ones(B, T)
+    mask[0, 5:] = 0
+    mask[2, :3] = 0
+    kw = dict(eps=0.2, coef=0.05, kl_type=kl_type, aggregation=aggregation, L=10, dual_clip=3.0)
+    x = logp.clone().float().requires_grad_(True)
+    loss, stats = train.policy_loss(x, old.float(), ref.float(), adv.float(), mask, clip_eps=0.2, kl_coef=0.05,
+                                    kl_type=kl_type, aggregation=aggregation, max_new_tokens=10, dual_clip=3.0)
+    loss.backward()
+    x64 = logp.clone().requires_grad_(True)
+    want = reference_loss(x64, old, ref, adv, mask, **kw)
+    want.backward()
+    assert abs(loss.item() - want.item()) < 1e-5
+    assert torch.allclose(x.grad.double(), x64.grad, atol=1e-5)
+    assert (x.grad[mask == 0] == 0).all()
+
+
+def test_clip_is_active_exactly_outside_the_trust_region_with_the_advantage_sign():
+    ratios = torch.tensor([[0.5, 0.9, 1.1, 1.5], [0.5, 0.9, 1.1, 1.5]])
+    adv = torch.tensor([1.0, -1.0])
+    old = torch.zeros(2, 4)
+    logp = ratios.log().requires_grad_(True)
+    loss, stats = train.policy_loss(logp, old, None, adv, torch.ones(2, 4), clip_eps=0.2, kl_coef=0.0,
+                                    aggregation="constant", max_new_tokens=1, dual_clip=None)
+    loss.backward()
+    # A > 0: gradient vanishes only where the ratio is already above 1 + eps; A < 0: below 1 - eps
+    flat = logp.grad == 0
+    assert flat.tolist() == [[False, False, False, True], [True, False, False, False]]
+    assert stats["clip_frac"] == pytest.approx(2 / 8)
+    # elsewhere d loss / d logp = -A * ratio (sum / (B * 1))
+    assert torch.allclose(logp.grad[~flat], (-adv[:, None] * ratios / 2).expand(2, 4)[~flat])
+
+
+def test_dual_clip_caps_negative_advantage_loss():
+    logp = torch.tensor([[2.0]]).requires_grad_(True)  # ratio e^2 = 7.4 > 3
+    loss, _ = train.policy_loss(logp, torch.zeros(1, 1), None, torch.tensor([-1.0]), torch.ones(1, 1),
+                                kl_coef=0.0, dual_clip=3.0)
+    assert loss.item() == pytest.approx(3.0)
+    loss.backward()
+    assert logp.grad.item() == 0
+
+
+def test_constant_aggregation_uses_the_fixed_normaliser_not_the_padded_width():
+    logp = torch.zeros(2, 3, requires_grad=True)
+    loss, _ = train.policy_loss(logp, torch.zeros(2, 3), None, torch.tensor([1.0, 1.0]), torch.ones(2, 3),
+                                kl_coef=0.0, aggregation="constant", max_new_tokens=50)
+    assert loss.item() == pytest.approx(-6 / (2 * 50))
+
+
+# ----------------------------------------------------------------------------- one update on tiny
+
+def test_one_policy_gradient_step_moves_logprobs_with_the_advantage_sign():
+    model, tok = policy.load("tiny")
+    train.disable_dropout(model)
+    ids, mask, _ = policy.build_prompts(tok, ["A dog runs.", "A dog runs."])
+    completion = torch.tensor([[5, 6, 7], [8, 9, 10]])  # two different "rationales" for the same prompt
+    seqs = torch.cat([ids, completion], 1)
+    am = torch.cat([mask, torch.ones(2, 3, dtype=mask.dtype)], 1)
+    cm = torch.cat([torch.zeros_like(mask), torch.ones(2, 3, dtype=mask.dtype)], 1)
+    adv = torch.tensor([1.0, -1.0])
+    before = policy.token_logprobs(model, seqs, am, cm).sum(-1).detach()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    lp = policy.token_logprobs(model, seqs, am, cm)
+    loss, _ = train.policy_loss(lp, lp.detach(), None, adv, cm, kl_coef=0.0)
+    assert abs(loss.item()) < 1e-6  # on-policy: the value is ~0 while the gradient is not
+    loss.backward()
+    opt.step()
+    after = policy.token_logprobs(model, seqs, am, cm).sum(-1).detach()
+    assert after[0] > before[0] and after[1] < before[1]
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def run_cli(*args, timeout=300):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=timeout)
+
+
+def test_steps_write_metrics_and_a_loadable_checkpoint_and_resume_is_exact(tmp_path):
+    full, half = tmp_path / "full", tmp_path / "half"
+    train.main([*FAST, "--steps", "4", "--out", str(full)])
+    rows = [json.loads(l) for l in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for key in ("reward", "reward/positive", "loss", "kl", "clip_frac", "rationale_len", "truncated_frac",
+                "t_rollout", "t_score", "t_update", "peak_mem_mb", "cos_between_texts", "distinct_token_ratio"):
+        assert key in rows[0], key
+    model, tok = policy.load(str(full / "step-4"))
+    assert tok.padding_side == "left"
+    # an interrupted run: 2 steps, then resume to 4 -> bit-for-bit the same weights
+    train.main([*FAST, "--steps", "2", "--out", str(half)])
+    train.main([*FAST, "--steps", "4", "--out", str(half), "--resume"])
+    a, b = model.state_dict(), policy.load(str(half / "step-4"))[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (half / "metrics.jsonl").read_text() .count("\n") == 4
+    assert json.loads((half / "metrics.jsonl").read_text().splitlines()[-1])["reward"] == rows[-1]["reward"]
+
+
+def test_unsupervised_mode_and_infonce_reward_run(tmp_path):
+    data = tmp_path / "texts.txt"
+    data.write_text("A cat sleeps.\nThe sky is blue.\n\nRain falls in autumn.\nBirds sing at dawn.\n")
+    train.main([*FAST, "--steps", "1", "--out", str(tmp_path / "u"), "--mode", "unsupervised", "--data", str(data)])
+    train.main([*FAST, "--steps", "1", "--out", str(tmp_path / "i"), "--reward", "infonce", "--kl-coef", "0"])
+    assert (tmp_path / "u" / "step-1" / "model.safetensors").exists()
+    assert "reward/logsumexp" in json.loads((tmp_path / "i" / "metrics.jsonl").read_text())
+
+
+def test_two_process_torchrun_gloo(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           str(ROOT / "train.py"), *FAST, "--steps", "2", "--out", str(tmp_path / "ddp")]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "ddp" / "step-2" / "model.safetensors").exists()
+    assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"query": "q", "positive": "p", "negative": "n"}\n{"query": "q", "positive": "p"\n', "bad.jsonl:2: invalid JSON"),
+    ('{"query": "q", "positive": "p", "negative": "n"}\n{"query": "q", "positive": "p"}\n', "bad.jsonl:2: field 'negative'"),
+    ('{"query": "q", "positive": "", "negative": "n"}\n', "bad.jsonl:1: field 'positive' is empty"),
+    ('{"query": 3, "positive": "p", "negative": "n"}\n', "bad.jsonl:1: field 'query' (or 'anchor') must be a string"),
+    ("\n\n", "holds no records"),
+])
+def test_bad_data_gives_one_clear_line(tmp_path, content, message):
+    (tmp_path / "bad.jsonl").write_text(content)
+    res = run_cli("--data", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "out"))
+    assert res.returncode == 2 and message in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "out").exists()
+
+
+def test_bad_paths_and_resume_and_existing_runs(tmp_path):
+    res = run_cli("--data", str(tmp_path / "missing.jsonl"))
+    assert res.returncode == 2 and "data file not found" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli("--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "o"))
+    assert res.returncode == 2 and "no-model" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli("--resume", "--out", str(tmp_path / "empty"))
+    assert res.returncode == 2 and "no checkpoint" in res.stderr
+    existing = tmp_path / "existing"
+    (existing / "step-3").mkdir(parents=True)
+    (existing / "metrics.jsonl").write_text('{"step": 3}\n')
+    res = run_cli("--out", str(existing), *FAST, "--steps", "1")
+    assert res.returncode == 2 and "--resume" in res.stderr
+    assert (existing / "metrics.jsonl").read_text() == '{"step": 3}\n' and os.listdir(existing / "step-3") == []
+
+
+def test_snli_triplets_with_aliases_load():
+    path = shared_data("snli_triplets", "triplets.jsonl")
+    records = train.load_records(str(path), "supervised")
+    assert len(records) > 6000 and set(records[0]) == {"query", "positive", "negative"}
