@@ -12,7 +12,6 @@ KL penalty to the frozen initial model. Unsupervised: one text per record; its o
 rationale plays the query.
 """
 import argparse
-import copy
 import json
 import os
 import random
@@ -220,64 +219,75 @@ def diagnostics(main, parts, G, ro):
     return out
 
 
-def train_step(model, ref, tok, opt, batch, args, generator, world):
-    m = {}
-    t0 = time.perf_counter()
-    model.eval()  # rollouts and scoring: no dropout (it is off anyway; see disable_dropout)
+def score(model, ref, tok, batch, args, generator):
+    """Rollouts, embeddings, rewards, advantages and the old/reference log-probs: all without gradient.
+    -> (main Rollout, advantages (N,), old logp (N, T), ref logp or None, metrics)."""
     G = args.group_size
-    with torch.no_grad():
-        if args.mode == "supervised":
-            main_ro, main, cut = generate(model, tok, [r["positive"] for r in batch], G, args.temperature, args, generator)
-            side = [r["query"] for r in batch] + [r["negative"] for r in batch]
-            _, side_emb, cut2 = generate(model, tok, side, 1, 0.5, args, generator)
-            q, neg = side_emb[:len(batch)], side_emb[len(batch):]
-        else:
-            main_ro, main, cut = generate(model, tok, [r["text"] for r in batch], G, args.temperature, args, generator)
-            _, q, cut2 = generate(model, tok, [r["text"] for r in batch], 1, 0.5, args, generator)
-            neg = None
-        t1 = time.perf_counter()
-        q = q.repeat_interleave(G, 0)  # one query (and negative) per group, on each of its G rows
-        neg = None if neg is None else neg.repeat_interleave(G, 0)
-        rewards, parts = compute_rewards(args, q, main, neg, main_ro.truncated)
-        adv = group_advantages(rewards, G, args.scale_adv_by_std)
-        seqs, am, cm = main_ro.sequences, main_ro.attention_mask, main_ro.completion_mask
-        old = policy.token_logprobs(model, seqs, am, cm, temperature=args.temperature)  # score what was sampled
-        ref_lp = policy.token_logprobs(ref, seqs, am, cm, temperature=args.temperature) if ref is not None else None
-    t2 = time.perf_counter()
-    m.update(reward=rewards.mean().item(), **{f"reward/{k}": v.mean().item() for k, v in parts.items()},
+    t0 = time.perf_counter()
+    if args.mode == "supervised":
+        main_ro, main, cut = generate(model, tok, [r["positive"] for r in batch], G, args.temperature, args, generator)
+        side = [r["query"] for r in batch] + [r["negative"] for r in batch]  # one each, shared by the group
+        _, side_emb, cut2 = generate(model, tok, side, 1, 0.5, args, generator)
+        q, neg = side_emb[:len(batch)], side_emb[len(batch):].repeat_interleave(G, 0)
+    else:  # the text's own low-temperature rationale plays the query
+        main_ro, main, cut = generate(model, tok, [r["text"] for r in batch], G, args.temperature, args, generator)
+        _, q, cut2 = generate(model, tok, [r["text"] for r in batch], 1, 0.5, args, generator)
+        neg = None
+    t1 = time.perf_counter()
+    rewards, parts = compute_rewards(args, q.repeat_interleave(G, 0), main, neg, main_ro.truncated)
+    adv = group_advantages(rewards, G, args.scale_adv_by_std)
+    seqs, am, cm = main_ro.sequences, main_ro.attention_mask, main_ro.completion_mask
+    old = policy.token_logprobs(model, seqs, am, cm, temperature=args.temperature)  # score what was sampled
+    ref_lp = policy.token_logprobs(ref, seqs, am, cm, temperature=args.temperature) if ref is not None else None
+    m = dict(reward=rewards.mean().item(), **{f"reward/{k}": v.mean().item() for k, v in parts.items()},
              adv_abs=adv.abs().mean().item(), adv_std=adv.std().item() if len(adv) > 1 else 0.0,
              rationale_len=cm.sum(-1).float().mean().item(), truncated_frac=main_ro.truncated.float().mean().item(),
-             prompts_cut=cut + cut2, **diagnostics(main, parts, G, main_ro))
-    model.train()  # dropout is disabled, so this only lets gradient checkpointing act
+             prompts_cut=cut + cut2, t_rollout=t1 - t0, t_score=time.perf_counter() - t1,
+             tokens_per_s=cm.sum().item() / (t1 - t0), **diagnostics(main, parts, G, main_ro))
+    return main_ro, adv, old, ref_lp, m
+
+
+def update(model, opt, ro, adv, old, ref_lp, args, world):
+    """--ppo-epochs passes of one optimizer step per mini-batch (later mini-batches are off-policy,
+    which is where the clip acts), each accumulated over micro-batches. -> averaged loss stats."""
+    seqs, am, cm = ro.sequences, ro.attention_mask, ro.completion_mask
     stats, N = [], len(seqs)
-    rows, micro = args.mini_batch_size * G, args.micro_batch_size * G
+    rows, micro = args.mini_batch_size * args.group_size, args.micro_batch_size * args.group_size
     for _ in range(args.ppo_epochs):
-        for s in range(0, N, rows):  # one optimizer step per mini-batch: later ones are off-policy
+        for s in range(0, N, rows):
             e = min(s + rows, N)
             opt.zero_grad(set_to_none=True)
-            for u in range(s, e, micro):  # gradient accumulation over micro-batches
+            for u in range(s, e, micro):
                 mu = slice(u, min(u + micro, e))
                 lp = policy.token_logprobs(model, seqs[mu], am[mu], cm[mu], temperature=args.temperature)
                 loss, st = policy_loss(lp, old[mu], None if ref_lp is None else ref_lp[mu], adv[mu], cm[mu],
                                        clip_eps=args.clip_eps, kl_coef=args.kl_coef, kl_type=args.kl_type,
                                        aggregation=args.aggregation, max_new_tokens=args.max_new_tokens)
-                # weights make the micro-batch losses add up to the mini-batch's own aggregate
-                share = cm[mu].sum() / cm[s:e].sum().clamp(min=1) if args.aggregation == "token" else (mu.stop - u) / (e - s)
+                # weight each micro-batch so that their sum is the mini-batch's own aggregate
+                token_mean = args.aggregation == "token"
+                share = cm[mu].sum() / cm[s:e].sum().clamp(min=1) if token_mean else (mu.stop - u) / (e - s)
                 (loss * share).backward()
                 stats.append(dict(st, loss=loss.item()))
             if world > 1:  # average gradients over ranks by hand: the plainest correct data parallelism
                 for p in model.parameters():
                     if p.grad is not None:
                         dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
-            m["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
             opt.step()
-    t3 = time.perf_counter()
-    m.update({k: sum(s[k] for s in stats) / len(stats) for k in stats[0]})
-    generated = cm.sum().item()
-    m.update(t_rollout=t1 - t0, t_score=t2 - t1, t_update=t3 - t2, tokens_per_s=generated / (t1 - t0),
+    return dict({k: sum(x[k] for x in stats) / len(stats) for k in stats[0]}, grad_norm=grad_norm)
+
+
+def train_step(model, ref, tok, opt, batch, args, generator, world):
+    """One rollout batch -> metrics, and (record, rationale) of its first main rollout for the log."""
+    model.eval()  # dropout is disabled anyway (disable_dropout); eval keeps gradient checkpointing off here
+    with torch.no_grad():
+        ro, adv, old, ref_lp, m = score(model, ref, tok, batch, args, generator)
+    model.train()  # only lets gradient checkpointing act: dropout stays off
+    t = time.perf_counter()
+    m.update(update(model, opt, ro, adv, old, ref_lp, args, world), t_update=time.perf_counter() - t,
              peak_mem_mb=(torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
                           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
-    return m, (batch[0], tok.decode(seqs[0][cm[0].bool()]))
+    return m, (batch[0], tok.decode(ro.sequences[0][ro.completion_mask[0].bool()]))
 
 
 # ----------------------------------------------------------------------------- quick STS eval
@@ -299,8 +309,12 @@ def sts_spearman(model, tok, pairs, args):
         for s in range(0, len(texts), 32):
             embs.append(generate(model, tok, texts[s:s + 32], 1, 0.0, args, None)[1])
     e = torch.cat(embs).double().cpu()
-    cos = (e[:len(pairs)] * e[len(pairs):]).sum(-1)
-    a, b = _ranks(cos), _ranks(torch.tensor([p[2] for p in pairs], dtype=torch.float64))
+    return spearman((e[:len(pairs)] * e[len(pairs):]).sum(-1), torch.tensor([p[2] for p in pairs]))
+
+
+def spearman(x, y):
+    """rho = Pearson correlation of the (average) ranks of x and y."""
+    a, b = _ranks(x.double()), _ranks(y.double())
     a, b = a - a.mean(), b - b.mean()
     return float((a * b).sum() / (a.norm() * b.norm()))
 
@@ -308,7 +322,9 @@ def sts_spearman(model, tok, pairs, args):
 # ----------------------------------------------------------------------------- checkpoints
 
 def checkpoints(out):
-    return sorted(Path(out).glob("step-*"), key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else -1)
+    """OUT/step-N folders, oldest first."""
+    found = [p for p in Path(out).glob("step-*") if p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
 
 
 def save_checkpoint(out, model, tok, opt, state):
@@ -506,7 +522,8 @@ def run(args):
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(metrics) + "\n")
                 bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.4f}",
-                                loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                                loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
+                                cos_x=f"{metrics['cos_between_texts']:.2f}")  # collapse watch
                 bar.update(1)
                 if args.log_rationales and state["step"] % args.log_rationales == 0:
                     shown = text.get("positive", text.get("text"))

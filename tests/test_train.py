@@ -214,3 +214,32 @@ def test_snli_triplets_with_aliases_load():
     path = shared_data("snli_triplets", "triplets.jsonl")
     records = train.load_records(str(path), "supervised")
     assert len(records) > 6000 and set(records[0]) == {"query", "positive", "negative"}
+
+
+def test_ctrl_c_saves_a_checkpoint_before_exiting(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *FAST, "--steps", "1000", "--save-every",
+                             "1000", "--out", str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    steps = len((out / "metrics.jsonl").read_text().splitlines())
+    assert (out / f"step-{steps}" / "trainer_state.pt").exists()  # every finished step is kept
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_in_training_spearman_matches_scipy():
+    from scipy.stats import spearmanr
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 6, (200,), generator=g).double()  # many ties, like STS gold scores
+    y = x + torch.randn(200, generator=g, dtype=torch.float64) * 2
+    assert train.spearman(x, y) == pytest.approx(spearmanr(x, y).statistic, abs=1e-9)
