@@ -31,21 +31,24 @@ def _groups(x, group_size):
     return x.float().reshape(-1, group_size, x.shape[-1])
 
 
-def _check(group_size, truncated, **embeddings):
-    """ValueError naming the problem: shapes, divisibility, truncated's length."""
-    if not (isinstance(group_size, int) and group_size >= 1):
+def _check(group_size, truncated, temperature, **embeddings):
+    """ValueError naming the problem: group_size, temperature, shapes, divisibility, truncated."""
+    if isinstance(group_size, bool) or not hasattr(group_size, "__index__") or group_size.__index__() < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
     shapes = {k: tuple(v.shape) for k, v in embeddings.items() if v is not None}
     for name, shape in shapes.items():
         if len(shape) != 2:
             raise ValueError(f"{name} must be 2-D (N, H), got shape {shape}")
     if len(set(shapes.values())) > 1:
         raise ValueError(f"embeddings must all have the same shape (N, H), got {shapes}")
-    N = next(iter(shapes.values()))[0]
+    N = shapes["main"][0]
     if N == 0 or N % group_size:
-        raise ValueError(f"N = {N} rows is not a positive multiple of group_size = {group_size}")
+        raise ValueError(f"N = {N} rows (main has shape {shapes['main']}) is not a positive multiple of "
+                         f"group_size = {group_size}")
     if truncated is not None and tuple(truncated.shape) != (N,):
-        raise ValueError(f"truncated must have shape ({N},), got {tuple(truncated.shape)}")
+        raise ValueError(f"truncated must have shape ({N},) (one flag per main row), got {tuple(truncated.shape)}")
 
 
 # ----------------------------------------------------------------------------- the terms (unscaled)
@@ -56,7 +59,7 @@ def positive_term(query, main):
 
 
 def negative_term(query, negative):
-    """s_neg_i = -cos(q_g(i), n_g(i))  (one value per group)"""
+    """s_neg_i = -cos(q_g(i), n_g(i))  (one value per group: cancels in the group-relative advantage)"""
     return -(query.float() * negative.float()).sum(-1)  # (N,)
 
 
@@ -79,7 +82,8 @@ def _mean_over_other_groups(x):
 
 
 def cross_group_supervised(query, main, group_size):
-    """s_x_i = -1/(n-1) sum_{g' != g(i)} max_k cos(q_g(i), m_{g',k})  (one value per group)"""
+    """s_x_i = -1/(n-1) sum_{g' != g(i)} max_k cos(q_g(i), m_{g',k}); 0 with one group.
+    No main_i of group g in it: one value per group, so it cancels in the group-relative advantage."""
     q = _groups(query, group_size)[:, 0]  # (n, H): each group's query
     m = _groups(main, group_size)  # (n, G, H)
     hardest = torch.einsum("ah,bkh->abk", q, m).amax(-1)  # (n, n): [g, g'] = max_k cos(q_g, m_g'k)
@@ -87,7 +91,8 @@ def cross_group_supervised(query, main, group_size):
 
 
 def cross_group_unsupervised(query, main, group_size):
-    """s_x_i = 1/(n-1) sum_{g' != g(i)} cos(m_i, q_g')  (subtracted by the caller)"""
+    """s_x_i = 1/(n-1) sum_{g' != g(i)} cos(m_i, q_g')  (subtracted by the caller); 0 with one group.
+    Involves main_i, so unlike the supervised s_x it varies within a group and steers the policy."""
     q = _groups(query, group_size)[:, 0]  # (n, H)
     m = _groups(main, group_size)  # (n, G, H)
     sims = torch.einsum("akh,bh->akb", m, q)  # (n, G, n): [g, k, g'] = cos(m_gk, q_g')
@@ -101,7 +106,8 @@ def cross_group_unsupervised(query, main, group_size):
 # ----------------------------------------------------------------------------- the rewards
 
 def _finish(total, parts, truncated, length_penalty):
-    """r_i = -1 for rollouts that hit the length limit without EOS (not divided by tau)."""
+    """r_i = -1 for rollouts that hit the length limit without EOS (not divided by tau).
+    The parts keep the terms' values on those rows (for logging); only the total is replaced."""
     if truncated is not None:
         parts["truncated"] = truncated.float()
         if length_penalty:
@@ -117,7 +123,7 @@ def grace_rewards(query, main, negative, group_size, *, temperature=0.1, with_sc
     parts holds each term as it enters the sum before its weight (scaled, unweighted): positive,
     negative, clustering, cross_group, and truncated (0/1) when given. negative may be None (no term).
     """
-    _check(group_size, truncated, query=query, main=main, negative=negative)
+    _check(group_size, truncated, temperature, query=query, main=main, negative=negative)
     scale = 1.0 / temperature if with_scale else 1.0
     parts = {
         "positive": positive_term(query, main) * scale,
@@ -136,7 +142,7 @@ def unsupervised_rewards(query, main, group_size, *, temperature=0.1, with_scale
     """Unsupervised GRACE reward -> (rewards (N,), parts). The text's own low-temperature rationale
     is the query. r_i = s_pos + w_clu s_clu - w_x s_x, every term / tau when with_scale.
     parts: positive, clustering, cross_group (scaled, unweighted, before the minus sign), truncated."""
-    _check(group_size, truncated, query=query, main=main)
+    _check(group_size, truncated, temperature, query=query, main=main)
     scale = 1.0 / temperature if with_scale else 1.0
     parts = {
         "positive": positive_term(query, main) * scale,
@@ -148,16 +154,18 @@ def unsupervised_rewards(query, main, group_size, *, temperature=0.1, with_scale
 
 
 def infonce_rewards(query, main, negative, group_size, *, temperature=0.1, truncated=None,
-                    length_penalty=True, **_ignored):
+                    length_penalty=True, with_scale=True, clustering_weight=None, cross_group_weight=None):
     """Per-rollout contrastive reward -> (rewards (N,), parts).
 
     r_i = cos(m_i, q_g(i))/tau - logsumexp_c cos(m_i, c)/tau, over the candidates c = every group's
     query and (when given) every group's negative: the log-probability that main_i picks out its own
-    query. parts: positive (the first term), logsumexp (the second), truncated.
-    Extra keyword arguments (the release reward's weights) are accepted and ignored, so train.py can
-    pass one set of options to either reward.
+    query. r_i <= 0; with one group and no negative it is exactly 0 (one candidate).
+    parts: positive (the first term), logsumexp (the second, subtracted), truncated; both scaled by 1/tau.
+    negative=None gives the unsupervised variant (candidates are the queries only).
+    with_scale and the weights are accepted and ignored (the softmax always uses tau), so a caller can
+    pass the release reward's options unchanged; any other keyword is a TypeError.
     """
-    _check(group_size, truncated, query=query, main=main, negative=negative)
+    _check(group_size, truncated, temperature, query=query, main=main, negative=negative)
     candidates = _groups(query, group_size)[:, 0]  # (n, H): own query of group g is candidate g
     if negative is not None:
         candidates = torch.cat([candidates, _groups(negative, group_size)[:, 0]])  # (2n, H)

@@ -66,13 +66,16 @@ def loop_unsupervised(q, m, G, tau, scale, w_clu, w_x):
 
 
 def loop_infonce(q, m, n, G, tau):
+    """log softmax over the candidates (every group's query, then every group's negative), own query."""
     groups = len(m) // G
-    rewards = []
+    out = {k: [] for k in ("positive", "logsumexp", "total")}
     for i in range(len(m)):
         cands = [q[h * G] for h in range(groups)] + ([n[h * G] for h in range(groups)] if n is not None else [])
         logits = [cos(m[i], c) / tau for c in cands]
-        rewards.append(logits[i // G] - math.log(sum(math.exp(x) for x in logits)))
-    return torch.tensor(rewards, dtype=torch.float64)
+        lse = math.log(sum(math.exp(x) for x in logits))
+        for k, v in dict(positive=logits[i // G], logsumexp=lse, total=logits[i // G] - lse).items():
+            out[k].append(v)
+    return {k: torch.tensor(v, dtype=torch.float64) for k, v in out.items()}
 
 
 @pytest.mark.parametrize("groups,G", SHAPES)
@@ -106,8 +109,14 @@ def test_infonce_matches_loop(groups, G, with_negative):
     q, m, n = layout(groups, G, seed=5)
     n = n if with_negative else None
     r, parts = reward.infonce_rewards(q.float(), m.float(), None if n is None else n.float(), G, temperature=0.1)
-    assert torch.allclose(r.double(), loop_infonce(q, m, n, G, 0.1), atol=1e-4)
+    ref = loop_infonce(q, m, n, G, 0.1)
+    assert r.dtype == torch.float32
+    for k in ("positive", "logsumexp"):
+        assert torch.allclose(parts[k].double(), ref[k], atol=1e-4), k
+    assert torch.allclose(r.double(), ref["total"], atol=1e-4)
     assert (r <= 1e-6).all()  # a log-probability
+    if groups == 1 and not with_negative:
+        assert torch.equal(r, torch.zeros_like(r))  # one candidate: probability 1
 
 
 def test_identical_beats_orthogonal_with_stated_values():
@@ -166,23 +175,77 @@ def test_which_terms_vary_within_a_group():
     assert within_std(uns["cross_group"]) > 0.1 and within_std(r_nce) > 0.1
 
 
-def test_bf16_inputs_compute_in_float32():
+def test_unsupervised_hand_case_with_stated_values():
+    # 2 groups of G = 2 in 3-D, tau = 0.1; queries e0 (group 0) and e1 (group 1).
+    e = torch.eye(3)
+    q = torch.stack([e[0], e[0], e[1], e[1]])
+    m = torch.stack([e[0], e[1], e[2], e[2]])
+    r, parts = reward.unsupervised_rewards(q, m, 2)
+    assert parts["positive"].tolist() == pytest.approx([10.0, 0.0, 0.0, 0.0])
+    assert parts["clustering"].tolist() == pytest.approx([0.0, 0.0, 10.0, 10.0])
+    # row 1 (= e1) matches the other group's query: s_x = 1, subtracted; rows 2, 3 (= e2) match none
+    assert parts["cross_group"].tolist() == pytest.approx([0.0, 10.0, 0.0, 0.0])
+    assert r.tolist() == pytest.approx([10.0, -2.0, 2.0, 2.0])
+
+
+def test_infonce_hand_case_with_stated_values():
+    # 2 groups of G = 2 in 3-D, tau = 0.1; candidates: queries e0, e1 (no negative).
+    e = torch.eye(3)
+    q = torch.stack([e[0], e[0], e[1], e[1]])
+    m = torch.stack([e[0], e[2], e[0], e[1]])  # own query / orthogonal to both / the other's query / own
+    r, parts = reward.infonce_rewards(q, m, None, 2)
+    sure = -math.log(1 + math.exp(-10))  # log softmax([10, 0])[0]
+    assert r.tolist() == pytest.approx([sure, -math.log(2), -10 + sure, sure], abs=1e-6)  # float32
+    assert parts["positive"].tolist() == pytest.approx([10.0, 0.0, 0.0, 10.0])
+
+
+def test_supervised_group_constant_terms_cancel_in_the_advantage():
+    """Changing every negative moves the supervised rewards but not reward - group mean."""
+    q, m, n = (t.float() for t in layout(4, 4))
+    r1, p1 = reward.grace_rewards(q, m, n, 4)
+    r2, _ = reward.grace_rewards(q, m, torch.roll(n, 4, 0) * -1, 4)
+
+    def centred(r):
+        return r.reshape(4, 4) - r.reshape(4, 4).mean(-1, keepdim=True)
+
+    assert (r1 - r2).abs().max() > 1.0
+    assert torch.allclose(centred(r1), centred(r2), atol=1e-5)
+    for k in ("negative", "cross_group"):
+        assert centred(p1[k]).abs().max() < 1e-5, k
+
+
+@pytest.mark.parametrize("kind", ["supervised", "unsupervised", "infonce"])
+def test_bf16_inputs_compute_in_float32(kind):
     q, m, n = layout(3, 4)
-    r32, _ = reward.grace_rewards(q.float(), m.float(), n.float(), 4)
-    r16, _ = reward.grace_rewards(q.bfloat16(), m.bfloat16(), n.bfloat16(), 4)
-    assert r16.dtype == torch.float32
-    assert torch.allclose(r16, r32, atol=0.2)  # bf16 rounding of the inputs (8 bits), times 1/tau
+    fn = {"supervised": lambda *a: reward.grace_rewards(a[0], a[1], a[2], 4),
+          "unsupervised": lambda *a: reward.unsupervised_rewards(a[0], a[1], 4),
+          "infonce": lambda *a: reward.infonce_rewards(a[0], a[1], a[2], 4)}[kind]
+    r32, p32 = fn(q.float(), m.float(), n.float())
+    r16, p16 = fn(q.bfloat16(), m.bfloat16(), n.bfloat16())
+    assert r16.dtype == torch.float32 and all(v.dtype == torch.float32 for v in p16.values())
+    # bf16 keeps 8 bits of mantissa: each cosine moves by < ~0.01, i.e. < ~0.1 after / tau
+    assert torch.allclose(r16, r32, atol=0.2)
+    assert (r16 - r32).abs().max() > 0  # the inputs really were rounded
 
 
 def test_bad_shapes_raise_clear_errors():
-    q, m, n = (t.float() for t in layout(2, 4))
-    with pytest.raises(ValueError, match="multiple of group_size"):
+    q, m, n = (t.float() for t in layout(2, 4))  # N = 8, H = 6
+    with pytest.raises(ValueError, match=r"N = 8 rows .*\(8, 6\).* multiple of group_size = 3"):
         reward.grace_rewards(q, m, n, 3)
-    with pytest.raises(ValueError, match="same shape"):
+    with pytest.raises(ValueError, match=r"same shape.*'query': \(8, 3\)"):
         reward.grace_rewards(q[:, :3], m, n, 4)
-    with pytest.raises(ValueError, match="2-D"):
+    with pytest.raises(ValueError, match=r"same shape.*'negative': \(4, 6\)"):
+        reward.infonce_rewards(q, m, n[:4], 4)
+    with pytest.raises(ValueError, match=r"query must be 2-D \(N, H\), got shape \(6,\)"):
         reward.unsupervised_rewards(q[0], m[0], 4)
-    with pytest.raises(ValueError, match="truncated must have shape"):
+    with pytest.raises(ValueError, match=r"truncated must have shape \(8,\).*got \(5,\)"):
         reward.grace_rewards(q, m, n, 4, truncated=torch.zeros(5, dtype=torch.bool))
-    with pytest.raises(ValueError, match="group_size"):
-        reward.infonce_rewards(q, m, n, 0)
+    with pytest.raises(ValueError, match=r"truncated must have shape \(8,\).*got \(8, 1\)"):
+        reward.unsupervised_rewards(q, m, 4, truncated=torch.zeros(8, 1, dtype=torch.bool))
+    for bad in (0, -2, 2.0, True):
+        with pytest.raises(ValueError, match="group_size must be a positive int"):
+            reward.infonce_rewards(q, m, n, bad)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        reward.grace_rewards(q, m, n, 4, temperature=0.0)
+    with pytest.raises(TypeError):  # a misspelt option is not swallowed
+        reward.infonce_rewards(q, m, n, 4, temprature=0.1)
