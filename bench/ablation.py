@@ -22,12 +22,13 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--out", default="bench_out/ablation")
+    p.add_argument("--lr", default="3e-4", help="tiny's default")
     args = p.parse_args()
     if not SNLI.exists() or not STS_DEV.exists():
         raise SystemExit(f"needs {SNLI} and {STS_DEV} (the shared data beside the repo)")
     before = sts_spearman("tiny")
-    rows = [train_and_measure(label, extra, args.steps, Path(args.out) / label.replace(" ", "").replace("+", "_"))
-            for label, extra in RUNS]
+    rows = [train_and_measure(label, [*extra, "--lr", args.lr], args.steps,
+                              Path(args.out) / label.replace(" ", "").replace("+", "_")) for label, extra in RUNS]
     print_table(rows, before, args.steps)
 
 

@@ -13,6 +13,7 @@ These runs pass --no-length-penalty so that the contrastive terms are what is op
 """
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -45,8 +46,7 @@ def sts_spearman(model_path, pairs=300, max_new_tokens=16):
 def train_and_measure(label, extra, steps, out, window=50):
     """One training run -> a dict of the table's columns."""
     t = time.perf_counter()
-    if out.exists():
-        raise SystemExit(f"{out} exists: pass another --out, or remove it")
+    shutil.rmtree(out, ignore_errors=True)  # the bench's own scratch folder: a rerun replaces it
     train.main([*COMMON, *extra, "--steps", str(steps), "--out", str(out)])
     m = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     w = min(window, len(m) // 2)
@@ -56,30 +56,33 @@ def train_and_measure(label, extra, steps, out, window=50):
 
     return dict(run=label, reward_first=mean("reward", m[:w]), reward_last=mean("reward", m[-w:]),
                 collapse_first=mean("cos_between_texts", m[:w]), collapse_last=mean("cos_between_texts", m[-w:]),
-                within_pos=mean("within_share/positive", m[-w:]),
-                sts_after=sts_spearman(str(out / f"step-{steps}")), minutes=(time.perf_counter() - t) / 60)
+                within_group=mean("cos_within_group", m[-w:]), within_pos=mean("within_share/positive", m[-w:]),
+                adv=mean("adv_abs", m[-w:]), sts_after=sts_spearman(str(out / f"step-{steps}")),
+                minutes=(time.perf_counter() - t) / 60)
 
 
 def print_table(rows, sts_before, steps, window=50):
     print(f"\ntiny on SNLI triplets, {steps} steps; windows of {min(window, steps // 2)} steps; "
           f"STS-B dev Spearman x100 (300 pairs, greedy 16-token rationales): initial model {sts_before:.1f}")
     cols = ["run", "reward first", "reward last", "cos between texts first", "cos between texts last",
-            "within-group share of s_pos", "STS after", "minutes"]
+            "cos within group last", "within-group share of s_pos", "mean abs advantage", "STS after", "minutes"]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
-        print(f"| {r['run']} | {r['reward_first']:.3f} | {r['reward_last']:.3f} | {r['collapse_first']:.3f} | "
-              f"{r['collapse_last']:.3f} | {r['within_pos']:.3f} | {r['sts_after']:.1f} | {r['minutes']:.1f} |")
+        print(f"| {r['run']} | {r['reward_first']:.3f} | {r['reward_last']:.3f} | {r['collapse_first']:.4f} | "
+              f"{r['collapse_last']:.4f} | {r['within_group']:.4f} | {r['within_pos']:.3f} | {r['adv']:.4f} | "
+              f"{r['sts_after']:.1f} | {r['minutes']:.1f} |")
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--out", default="bench_out/learning")
+    p.add_argument("--lr", default="3e-4", help="tiny's default; the release's 1e-6 moves nothing in minutes")
     args = p.parse_args()
     if not SNLI.exists() or not STS_DEV.exists():
         raise SystemExit(f"needs {SNLI} and {STS_DEV} (the shared data beside the repo)")
     before = sts_spearman("tiny")
-    rows = [train_and_measure("release reward", [], args.steps, Path(args.out))]
+    rows = [train_and_measure(f"release reward, lr {args.lr}", ["--lr", args.lr], args.steps, Path(args.out))]
     print_table(rows, before, args.steps)
 
 

@@ -172,7 +172,7 @@ def test_unsupervised_mode_and_infonce_reward_run(tmp_path):
 
 
 def test_two_process_torchrun_gloo(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",  # a free port
            str(ROOT / "train.py"), *FAST, "--steps", "2", "--out", str(tmp_path / "ddp")]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
@@ -234,6 +234,11 @@ def test_ctrl_c_saves_a_checkpoint_before_exiting(tmp_path):
     steps = len((out / "metrics.jsonl").read_text().splitlines())
     assert (out / f"step-{steps}" / "trainer_state.pt").exists()  # every finished step is kept
     assert not list(out.glob(".tmp-*"))
+    # the step in flight was finished before saving: the checkpoint is exactly step N of a plain run
+    train.main([*FAST, "--steps", str(steps), "--out", str(tmp_path / "plain")])
+    a = policy.load(str(out / f"step-{steps}"))[0].state_dict()
+    b = policy.load(str(tmp_path / "plain" / f"step-{steps}"))[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_in_training_spearman_matches_scipy():
@@ -243,3 +248,26 @@ def test_in_training_spearman_matches_scipy():
     x = torch.randint(0, 6, (200,), generator=g).double()  # many ties, like STS gold scores
     y = x + torch.randn(200, generator=g, dtype=torch.float64) * 2
     assert train.spearman(x, y) == pytest.approx(spearmanr(x, y).statistic, abs=1e-9)
+
+
+def test_gradient_accumulation_matches_one_big_micro_batch_and_no_reference_without_kl(tmp_path, monkeypatch):
+    loads = []
+    real_load = policy.load
+    monkeypatch.setattr(train.policy, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    train.main([*FAST, "--steps", "1", "--kl-coef", "0", "--out", str(tmp_path / "one")])
+    assert len(loads) == 1  # the policy only: kl_coef 0 loads no reference model
+    train.main([*FAST, "--steps", "1", "--kl-coef", "0", "--micro-batch-size", "1", "--out", str(tmp_path / "acc")])
+    a = policy.load(str(tmp_path / "one" / "step-1"))[0].state_dict()
+    b = policy.load(str(tmp_path / "acc" / "step-1"))[0].state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(not torch.equal(a[k], real_load("tiny")[0].state_dict()[k]) for k in a)  # it did move
+
+
+def test_eval_every_logs_sts_spearman_and_bad_batch_sizes_are_refused(tmp_path):
+    sts = shared_data("stsbenchmark", "dev.jsonl")
+    train.main([*FAST, "--steps", "1", "--eval-every", "1", "--eval-pairs", "8", "--eval-data", str(sts),
+                "--out", str(tmp_path / "e")])
+    row = json.loads((tmp_path / "e" / "metrics.jsonl").read_text())
+    assert -1 <= row["sts_dev_spearman"] <= 1
+    res = run_cli(*FAST, "--batch-size", "5", "--out", str(tmp_path / "b"))
+    assert res.returncode == 2 and "--batch-size 5" in res.stderr and not (tmp_path / "b").exists()
