@@ -46,12 +46,6 @@ class UsageError(Exception):
 
 # ----------------------------------------------------------------------------- encoding (no mteb)
 
-def _eos_ids(model, tokenizer):
-    # Chat models often stop on several ids (Qwen: <|im_end|> and <|endoftext|>); generation_config has them all.
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    return eos if eos is not None else tokenizer.eos_token_id
-
-
 @torch.no_grad()
 def encode_batch(model, tokenizer, texts, *, max_new_tokens, temperature=0.0, top_p=1.0, rationale=True,
                  system_prompt=policy.DEFAULT_SYSTEM_PROMPT, max_length=1024, generator=None):
@@ -62,7 +56,7 @@ def encode_batch(model, tokenizer, texts, *, max_new_tokens, temperature=0.0, to
     if not rationale:
         return policy.embed(model, ids, mask, policy.pool_mask_from(mask, pool_start)), [""] * len(texts)
     out = rollout.sample(model, ids, mask, max_new_tokens, temperature=temperature, top_p=top_p,
-                         eos_token_id=_eos_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=policy.stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
                          generator=generator)
     # The prompt keeps its positions in the rollout, so pool_start still marks where the text begins.
     pool_mask = policy.pool_mask_from(out.attention_mask, pool_start)

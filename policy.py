@@ -120,6 +120,13 @@ def _tiny_corpus():
     return lines
 
 
+def stop_token_ids(model, tokenizer):
+    """The ids that end a rationale: generation_config's (chat models list several, e.g. Qwen's
+    <|im_end|> and <|endoftext|>), else the tokenizer's EOS."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return eos if eos is not None else tokenizer.eos_token_id
+
+
 # ----------------------------------------------------------------------------- prompts
 
 def render_prompt(tokenizer, text, system_prompt=DEFAULT_SYSTEM_PROMPT):

@@ -186,7 +186,7 @@ def generate(model, tok, texts, n, temperature, args, generator):
     # With --top-p < 1 rollouts come from the nucleus, but old, new and ref log-probs all score the full
     # softmax(logits / T): the ratio stays consistent (as in TRL and verl); only the sampler is truncated.
     ro = rollout.sample(model, ids, mask, args.max_new_tokens, temperature=temperature, top_p=args.top_p,
-                        eos_token_id=model.generation_config.eos_token_id or tok.eos_token_id,
+                        eos_token_id=policy.stop_token_ids(model, tok),
                         pad_token_id=tok.pad_token_id, generator=generator)
     pool = policy.pool_mask_from(ro.attention_mask, start)  # text + rationale, no system prompt, no padding
     emb = in_chunks(lambda *t: policy.embed(model, *t), args.micro_batch_size * args.group_size,
@@ -231,15 +231,15 @@ def score(model, ref, tok, batch, args, generator):
     -> (main Rollout, advantages (N,), old logp (N, L), ref logp (N, L) or None, metrics)."""
     G, rows = args.group_size, args.micro_batch_size * args.group_size
     t0 = time.perf_counter()
-    if args.mode == "supervised":
-        main_ro, main, cut = generate(model, tok, [r["positive"] for r in batch], G, args.temperature, args, generator)
-        side = [r["query"] for r in batch] + [r["negative"] for r in batch]  # one each, shared by the group
-        _, side_emb, cut2 = generate(model, tok, side, 1, 0.5, args, generator)
-        q, neg = side_emb[:len(batch)], side_emb[len(batch):].repeat_interleave(G, 0)
-    else:  # the text's own low-temperature rationale plays the query
-        main_ro, main, cut = generate(model, tok, [r["text"] for r in batch], G, args.temperature, args, generator)
-        _, q, cut2 = generate(model, tok, [r["text"] for r in batch], 1, 0.5, args, generator)
-        neg = None
+    supervised = args.mode == "supervised"
+    texts = [r["positive" if supervised else "text"] for r in batch]
+    main_ro, main, cut = generate(model, tok, texts, G, args.temperature, args, generator)
+    # one low-temperature rationale each for the query and the negative, shared by the whole group;
+    # unsupervised, the text's own one plays the query
+    side = [r["query"] for r in batch] + [r["negative"] for r in batch] if supervised else texts
+    _, side_emb, cut2 = generate(model, tok, side, 1, 0.5, args, generator)
+    q = side_emb[:len(batch)]
+    neg = side_emb[len(batch):].repeat_interleave(G, 0) if supervised else None
     t1 = time.perf_counter()
     rewards, parts = compute_rewards(args, q.repeat_interleave(G, 0), main, neg, main_ro.truncated)
     adv = group_advantages(rewards, G, args.scale_adv_by_std)

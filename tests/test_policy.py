@@ -212,3 +212,15 @@ def test_chunked_logprobs_and_gradients_equal_unchunked(tiny):
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(g_small, g_big))  # float32 sum order
     assert any(g.abs().sum() > 0 for g in g_small)
     model.zero_grad(set_to_none=True)
+
+
+def test_stop_token_ids_prefer_generation_config(tiny):
+    model, tokenizer = tiny
+    m = copy.deepcopy(model)
+    assert policy.stop_token_ids(m, tokenizer) == tokenizer.eos_token_id
+    m.generation_config.eos_token_id = [2, 0]  # chat models list several; id 0 is a valid one
+    assert policy.stop_token_ids(m, tokenizer) == [2, 0]
+    m.generation_config.eos_token_id = 0
+    assert policy.stop_token_ids(m, tokenizer) == 0
+    m.generation_config.eos_token_id = None
+    assert policy.stop_token_ids(m, tokenizer) == tokenizer.eos_token_id
