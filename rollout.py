@@ -14,11 +14,14 @@ Two ways through the same loop:
 - plain (default): a DynamicCache that grows by one position a step; the mask grows with it.
 - static_cache=True: a cache and a mask preallocated at their final length, so every decode step
   has the same shapes. That is what `compile=True` needs (torch.compile of the decode forward; on
-  CUDA in "reduce-overhead" mode, i.e. CUDA graphs). The plain path is the one to read first.
+  CUDA in "reduce-overhead" mode, i.e. CUDA graphs; on CPU the linear layers also run through
+  oneDNN, see `onednn_linears`). The plain path is the one to read first.
 
 The caller should put the model in eval mode (dropout off); `sample` leaves train/eval alone.
 """
+from contextlib import contextmanager
 from dataclasses import dataclass
+import types
 import weakref
 
 import torch
@@ -70,6 +73,49 @@ def next_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+# ----------------------------------------------------------------------------- the fast path
+
+# A decode step multiplies a few rows (the batch) by every weight matrix of the model. For such
+# skinny fp32 matmuls the BLAS call behind F.linear on CPU (MKL) can be far slower than oneDNN, the
+# library inductor itself uses for CPU inference: 2.4x on the 32k-vocabulary output layer of the
+# bench model, on the AMD CPU we measured (bench/rollout.py prints both for the machine at hand).
+# Inductor only does that for frozen weights, and a policy's weights change every step, so the
+# compiled path routes nn.Linear through oneDNN itself, with the live weights. A custom op, so
+# torch.compile keeps it as one opaque call (inductor's own lowering of the oneDNN op wants frozen
+# weights).
+@torch.library.custom_op("grace::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) computed by oneDNN (CPU, no autograd). x: (..., in) -> (..., out)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@onednn_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.size(0))
+
+
+def _onednn_forward(self, x):
+    return onednn_linear(x, self.weight, self.bias)
+
+
+@contextmanager
+def onednn_linears(model, enabled=True):
+    """Within the block, every plain fp32 CPU nn.Linear of `model` runs through `onednn_linear`.
+    Same weights, same math, rounded differently; restored on exit, so training is untouched.
+    Modules whose forward someone else already replaced (hooks, adapters) are left alone."""
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in vars(m)
+               and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
+    if not (enabled and torch.backends.mkldnn.is_available()):
+        linears = []
+    for m in linears:
+        m.forward = types.MethodType(_onednn_forward, m)
+    try:
+        yield
+    finally:
+        for m in linears:
+            del m.forward  # the class's forward again
+
+
 # ----------------------------------------------------------------------------- the loop
 
 _compiled = weakref.WeakKeyDictionary()  # model -> compiled forward, so a second call does not recompile
@@ -96,8 +142,11 @@ def sample(model, input_ids, attention_mask, max_new_tokens, temperature=1.0, to
 
     eos_token_id: an int, a list of ints (chat models end turns with several), or None (never stop
     early). static_cache: preallocated cache and mask (fixed shapes); compile: torch.compile the
-    decode step (implies static_cache). Both paths give the same tokens for the same seed, up to
-    float rounding differences in attention over the padded static cache.
+    decode step (implies static_cache; on CPU also oneDNN linears). Every path gives the same
+    tokens for the same seed, up to float rounding (attention over the padded static cache, oneDNN's
+    summation order), which can flip a near-tie between two tokens. The compiled step is specialised
+    to its shapes: each new (batch, prompt length + max_new_tokens) compiles again, so pad prompts
+    to a few fixed lengths before a long run on this path.
     """
     static_cache = static_cache or compile
     B, P = input_ids.shape
@@ -117,34 +166,36 @@ def sample(model, input_ids, attention_mask, max_new_tokens, temperature=1.0, to
     # grows by one position a step. Static: allocated once at the final length.
     cache = StaticCache(config=model.config, max_cache_len=L) if static_cache else None
     forward = _decode_forward(model, compile)
-    # Positions count real tokens only, so left padding does not shift them (pad slots get 0 and
-    # are masked anyway). A static cache takes the full-length mask: zeros past the prompt.
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P)
-    out = model(input_ids=input_ids, attention_mask=mask if static_cache else attention_mask,
-                position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1)
-    logits = out.logits[:, -1]  # (B, V)
-    cache = out.cache
-    position = attention_mask.long().sum(-1, keepdim=True)  # (B, 1) next token's position
+    # compile: on CPU the linears run through oneDNN for the whole call (prefill and decode).
+    with onednn_linears(model, enabled=compile):
+        # Positions count real tokens only, so left padding does not shift them (pad slots get 0 and
+        # are masked anyway). A static cache takes the full-length mask: zeros past the prompt.
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P)
+        out = model(input_ids=input_ids, attention_mask=mask if static_cache else attention_mask,
+                    position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1]  # (B, V)
+        cache = out.cache
+        position = attention_mask.long().sum(-1, keepdim=True)  # (B, 1) next token's position
 
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    T = 0
-    for t in range(max_new_tokens):
-        token = next_token(logits, temperature, top_k, top_p, generator)  # (B,)
-        token = token.masked_fill(finished, pad_token_id)
-        seqs[:, P + t], alive[:, P + t] = token, ~finished
-        mask[:, P + t] = (~finished).to(mask.dtype)  # EOS itself stays visible; what follows is not
-        finished = finished | torch.isin(token, eos)
-        T = t + 1
-        # One host sync a step; cheap next to a forward, and it lets the batch stop early.
-        if T == max_new_tokens or bool(finished.all()):
-            break
-        step_mask = mask if static_cache else mask[:, :P + T]  # plain: mask grows with the cache
-        if compile and device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-        out = forward(input_ids=token[:, None], attention_mask=step_mask, position_ids=position,
-                      cache=cache, use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1]  # (B, V); used before the next step (CUDA graphs reuse the buffer)
-        position = position + 1
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        T = 0
+        for t in range(max_new_tokens):
+            token = next_token(logits, temperature, top_k, top_p, generator)  # (B,)
+            token = token.masked_fill(finished, pad_token_id)
+            seqs[:, P + t], alive[:, P + t] = token, ~finished
+            mask[:, P + t] = (~finished).to(mask.dtype)  # EOS itself stays visible; what follows is not
+            finished = finished | torch.isin(token, eos)
+            T = t + 1
+            # One host sync a step; cheap next to a forward, and it lets the batch stop early.
+            if T == max_new_tokens or bool(finished.all()):
+                break
+            step_mask = mask if static_cache else mask[:, :P + T]  # plain: mask grows with the cache
+            if compile and device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+            out = forward(input_ids=token[:, None], attention_mask=step_mask, position_ids=position,
+                          cache=cache, use_cache=True, logits_to_keep=1)
+            logits = out.logits[:, -1]  # (B, V); used before the next step (CUDA graphs reuse the buffer)
+            position = position + 1
 
     return Rollout(sequences=seqs[:, :P + T], attention_mask=mask[:, :P + T],
                    completion_mask=alive[:, :P + T].to(mask.dtype), truncated=~finished)

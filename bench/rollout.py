@@ -6,6 +6,10 @@ Greedy, EOS disabled so both write exactly `new` tokens per row. Runs alternate 
 HF, ...) so drift in machine load hits both alike; the median of the pairs is reported. The HF
 reference is plain `generate` (its default DynamicCache) for every row of the table. On a CUDA
 machine, GPU rows follow (bf16, larger batch and longer rollouts, static cache + CUDA graphs).
+
+The compiled CPU path routes nn.Linear through oneDNN (`rollout.onednn_linears`); the row "static +
+oneDNN" isolates that change without torch.compile, and a second table times the two matmul
+libraries alone on the shapes of one decode step, on this machine.
 """
 import statistics
 import sys
@@ -13,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import rollout  # noqa: E402
@@ -59,7 +64,13 @@ def bench(device, dtype, batch, prompt, new, modes, pairs, vocab=32000, tag=""):
     ref, _ = timed(hf, device)  # warm-up, and the tokens ours must match
     rows = []
     for name, kw in modes:
-        ours = lambda: rollout.sample(model, ids, mask, new, temperature=0, **kw)  # noqa: E731
+        kw = dict(kw)
+        onednn = kw.pop("onednn", False)
+
+        def ours(kw=kw, onednn=onednn):
+            with rollout.onednn_linears(model, enabled=onednn):
+                return rollout.sample(model, ids, mask, new, temperature=0, **kw)
+
         t0 = time.perf_counter()
         out, _ = timed(ours, device)  # warm-up (compiles the decode step once)
         warm = time.perf_counter() - t0
@@ -78,10 +89,34 @@ def bench(device, dtype, batch, prompt, new, modes, pairs, vocab=32000, tag=""):
     return rows
 
 
+def matmul_table(batch=16, hidden=256, repeats=50):
+    """F.linear (the default BLAS) vs rollout.onednn_linear on the (batch x hidden) @ weight.T
+    products of one decode step; median microseconds of `repeats` calls each."""
+    def median_us(fn):
+        for _ in range(5):
+            fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e6
+
+    print(f"\nlinear of a ({batch}, in) batch, fp32 CPU, median of {repeats} calls:")
+    print(f"| {'weight (out, in)':<18} | {'F.linear us':>11} | {'oneDNN us':>9} | {'ratio':>6} | {'max abs diff':>12} |")
+    print(f"|{'-' * 20}|{'-' * 13}|{'-' * 11}|{'-' * 8}|{'-' * 14}|")
+    for out_f, in_f in [(hidden, hidden), (4 * hidden, hidden), (hidden, 4 * hidden), (32000, hidden)]:
+        x, w = torch.randn(batch, in_f), torch.randn(out_f, in_f) / in_f ** 0.5
+        blas, onednn = median_us(lambda: F.linear(x, w)), median_us(lambda: rollout.onednn_linear(x, w, None))
+        diff = (F.linear(x, w) - rollout.onednn_linear(x, w, None)).abs().max().item()
+        print(f"| {f'({out_f}, {in_f})':<18} | {blas:>11.0f} | {onednn:>9.0f} | {blas / onednn:>5.2f}x | {diff:>12.1e} |")
+
+
 def main():
     cpu = torch.device("cpu")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
-    modes = [("plain", {}), ("static", dict(static_cache=True)), ("compiled static", dict(compile=True))]
+    modes = [("plain", {}), ("static", dict(static_cache=True)),
+             ("static + oneDNN", dict(static_cache=True, onednn=True)), ("compiled", dict(compile=True))]
     rows = bench(cpu, torch.float32, batch=16, prompt=32, new=64, modes=modes, pairs=7)
     # The same model with a 4k vocabulary: the fp32 lm_head matmul (the same work for both sides,
     # over half of a decode step at 32k) shrinks, so the loop's own overhead shows.
@@ -89,13 +124,15 @@ def main():
     setting = ["cpu: fp32, batch 16, prompt 32 (ragged), 64 new tokens, greedy, median of 7 pairs;"
                " vocab 32000 (v4k: 4096)"]
     if torch.cuda.is_available():
-        rows += bench(torch.device("cuda"), torch.bfloat16, batch=64, prompt=32, new=256, modes=modes, pairs=5)
+        gpu_modes = [(name, kw) for name, kw in modes if "onednn" not in kw]  # oneDNN is CPU-only
+        rows += bench(torch.device("cuda"), torch.bfloat16, batch=64, prompt=32, new=256, modes=gpu_modes, pairs=5)
         setting.append("cuda: bf16, batch 64, prompt 32 (ragged), 256 new tokens, greedy, median of 5 pairs")
     print("\n".join(setting))
     print(f"| {'mode':<24} | {'ours tok/s':>10} | {'HF tok/s':>10} | {'ratio':>6} | {'same tokens':>11} |")
     print(f"|{'-' * 26}|{'-' * 12}|{'-' * 12}|{'-' * 8}|{'-' * 13}|")
     for name, ours, hf, ratio, same, _ in rows:
         print(f"| {name:<24} | {ours:>10.0f} | {hf:>10.0f} | {ratio:>5.2f}x | {same:>10.1%} |")
+    matmul_table()
 
 
 if __name__ == "__main__":

@@ -131,6 +131,61 @@ def test_seed_reproduces_rollout(qwen2_model, static):
     assert torch.equal(a.sequences, run(0, st=not static).sequences)
 
 
+# ----------------------------------------------------------------------------- the fast path
+
+def test_onednn_linear_matches_float64_linear():
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(48, 32, generator=g), torch.randn(48, generator=g)
+    x = torch.randn(5, 3, 32, generator=g)
+    for inp, bias in [(x, b), (x, None), (x.transpose(0, 1), b), (x[:, 0], b)]:  # 3-D, no bias, strided, 2-D
+        ref = torch.nn.functional.linear(inp.double(), w.double(), None if bias is None else bias.double())
+        out = rollout.onednn_linear(inp, w, bias)
+        assert out.dtype == torch.float32 and out.shape == ref.shape
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_onednn_linears_patches_fp32_linears_and_restores(qwen2_model):
+    model = qwen2_model
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    assert linears and all("forward" not in vars(m) for m in linears)
+    own = lambda x: x  # noqa: E731  a forward somebody else installed: must survive untouched
+    linears[0].forward = own
+    try:
+        with pytest.raises(KeyError):  # restored even when the block fails
+            with rollout.onednn_linears(model):
+                assert linears[0].forward is own
+                assert all(vars(m)["forward"].__func__ is rollout._onednn_forward for m in linears[1:])
+                m = linears[1]
+                x = torch.randn(2, m.in_features)
+                ref = torch.nn.functional.linear(x.double(), m.weight.double(),
+                                                 None if m.bias is None else m.bias.double())
+                torch.testing.assert_close(m(x).double(), ref, rtol=1e-5, atol=1e-5)
+                raise KeyError
+        assert linears[0].forward is own and all("forward" not in vars(m) for m in linears[1:])
+        with rollout.onednn_linears(model, enabled=False):
+            assert all("forward" not in vars(m) for m in linears[1:])
+        with rollout.onednn_linears(model.to(torch.float64)):  # only fp32 weights are routed
+            assert all("forward" not in vars(m) for m in linears[1:])
+    finally:
+        del linears[0].forward
+        model.float()
+
+
+def test_compiled_path_matches_generate_and_plain_path(qwen2_model):
+    """compile=True (static cache, torch.compile, oneDNN linears on CPU): HF's greedy tokens, with
+    EOS and ragged padding, and the same sampled tokens as the plain path for the same seed."""
+    ids, mask = ragged_prompts()
+    free = rollout.sample(qwen2_model, ids, mask, NEW, temperature=0).sequences[:, ids.size(1):]
+    eos = pick_eos(free)
+    r = rollout.sample(qwen2_model, ids, mask, NEW, temperature=0, eos_token_id=eos, compile=True)
+    assert torch.equal(r.sequences, hf_greedy(qwen2_model, ids, mask, eos=eos))
+    check_masks(r, mask, eos)
+    assert all("forward" not in vars(m) for m in qwen2_model.modules())  # the model is left as it was
+    run = lambda **kw: rollout.sample(qwen2_model, ids, mask, NEW, temperature=1.0, top_p=0.9,  # noqa: E731
+                                      generator=torch.Generator().manual_seed(3), **kw).sequences
+    assert torch.equal(run(compile=True), run())
+
+
 # ----------------------------------------------------------------------------- the distribution
 
 class FixedLogits(torch.nn.Module):
