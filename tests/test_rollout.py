@@ -171,17 +171,18 @@ def test_onednn_linears_patches_fp32_linears_and_restores(qwen2_model):
         model.float()
 
 
-def test_compiled_path_matches_generate_and_plain_path(qwen2_model):
+def test_compiled_path_matches_generate_and_plain_path(arch_model):
     """compile=True (static cache, torch.compile, oneDNN linears on CPU): HF's greedy tokens, with
     EOS and ragged padding, and the same sampled tokens as the plain path for the same seed."""
+    model = arch_model  # each architecture, a fresh model: its compiled step is its own
     ids, mask = ragged_prompts()
-    free = rollout.sample(qwen2_model, ids, mask, NEW, temperature=0).sequences[:, ids.size(1):]
+    free = rollout.sample(model, ids, mask, NEW, temperature=0).sequences[:, ids.size(1):]
     eos = pick_eos(free)
-    r = rollout.sample(qwen2_model, ids, mask, NEW, temperature=0, eos_token_id=eos, compile=True)
-    assert torch.equal(r.sequences, hf_greedy(qwen2_model, ids, mask, eos=eos))
+    r = rollout.sample(model, ids, mask, NEW, temperature=0, eos_token_id=eos, compile=True)
+    assert torch.equal(r.sequences, hf_greedy(model, ids, mask, eos=eos))
     check_masks(r, mask, eos)
-    assert all("forward" not in vars(m) for m in qwen2_model.modules())  # the model is left as it was
-    run = lambda **kw: rollout.sample(qwen2_model, ids, mask, NEW, temperature=1.0, top_p=0.9,  # noqa: E731
+    assert all("forward" not in vars(m) for m in model.modules())  # the model is left as it was
+    run = lambda **kw: rollout.sample(model, ids, mask, NEW, temperature=1.0, top_p=0.9,  # noqa: E731
                                       generator=torch.Generator().manual_seed(3), **kw).sequences
     assert torch.equal(run(compile=True), run())
 
