@@ -149,6 +149,10 @@ class GraceEncoder:
         experiment = dict(rationale=rationale, instructions=instructions, seed=seed,
                           **({"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
                              if rationale else {}))
+        if max_length != 1024:  # these two only when changed, so default runs keep their result folder
+            experiment["max_length"] = max_length
+        if system_prompt != policy.DEFAULT_SYSTEM_PROMPT:  # a short hash: the name becomes a folder name
+            experiment["system_prompt"] = hashlib.sha1(system_prompt.encode()).hexdigest()[:10]
         name, rev = model_id(model_name_or_path, model)
         self.mteb_model_meta = ModelMeta.create_empty(dict(
             name=name, revision=revision or rev,

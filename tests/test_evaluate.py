@@ -85,6 +85,11 @@ def test_encoder_satisfies_mteb_protocol(encoder):
     assert meta.similarity_fn_name is ScoringFunction.COSINE
     baseline = evaluate.GraceEncoder("tiny", model=encoder.model, tokenizer=encoder.tokenizer, rationale=False)
     assert baseline.mteb_model_meta.experiment_name != meta.experiment_name  # filed apart in the cache
+    # so are runs with another system prompt or prompt length; a default run keeps its name
+    same = lambda **kw: evaluate.GraceEncoder("tiny", model=encoder.model, tokenizer=encoder.tokenizer,  # noqa: E731
+                                              max_new_tokens=NEW, batch_size=8, **kw).mteb_model_meta.experiment_name
+    names = [same(), same(system_prompt="Describe the text."), same(max_length=256)]
+    assert names[0] == meta.experiment_name and len(set(names)) == 3
 
 
 def test_sts_local_task(encoder, sts_file):
