@@ -172,6 +172,22 @@ def load_records(path, mode):
     return records
 
 
+def load_sts_pairs(path, n):
+    """The first n (sentence1, sentence2, score) rows of an STS JSONL file, for --eval-every."""
+    pairs = []
+    for line, row in read_rows(path):
+        if len(pairs) == n:
+            break
+        for field, kind in (("sentence1", str), ("sentence2", str), ("score", (int, float))):
+            if not isinstance(row.get(field), kind) or isinstance(row.get(field), bool):
+                what = "is missing" if field not in row else f"has {type(row[field]).__name__} {row[field]!r}"
+                raise UsageError(f"{path}:{line}: field '{field}' {what}")
+        pairs.append((row["sentence1"], row["sentence2"], float(row["score"])))
+    if len(pairs) < 2:
+        raise UsageError(f"--eval-data {path}: a Spearman correlation needs at least 2 pairs, found {len(pairs)}")
+    return pairs
+
+
 # ----------------------------------------------------------------------------- one step
 
 def in_chunks(fn, rows, *tensors):
@@ -359,6 +375,19 @@ def save_checkpoint(out, model, tok, opt, state):
     os.replace(tmp, final)
 
 
+# Settings a resumed run may change without becoming another run (all others are compared and reported).
+RESUME_MAY_CHANGE = {"resume", "steps", "epochs", "out", "device", "save_every", "log_rationales", "eval_every",
+                     "eval_pairs", "eval_data"}
+
+
+def metrics_step(line):
+    """The step of one metrics.jsonl line; a line a kill cut short counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
+
+
 def rng_state(generator):
     return dict(torch=torch.get_rng_state(), python=random.getstate(), sampler=generator.get_state(),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
@@ -458,12 +487,17 @@ def prepare(args, world):
         raise UsageError(f"--batch-size {args.batch_size} must be at most the {len(records)} records and split into "
                          f"{world} process(es) x whole mini-batches of --mini-batch-size {args.mini_batch_size}")
     args.steps = args.steps or max(1, args.epochs * len(records) // args.batch_size)
-    return records, model, tok, ref, resume_from
+    sts = None
+    if args.eval_every and Path(args.eval_data).exists():
+        sts = load_sts_pairs(args.eval_data, args.eval_pairs)
+    elif args.eval_every and args.eval_data != str(STS_DEV):  # the default lives in ../shared: may be absent
+        raise UsageError(f"--eval-data {args.eval_data}: file not found")
+    return records, model, tok, ref, resume_from, sts
 
 
 def run(args):
     rank, world = setup_distributed(args)
-    records, model, tok, ref, resume_from = prepare(args, world)
+    records, model, tok, ref, resume_from, sts = prepare(args, world)
     torch.manual_seed(args.seed), random.seed(args.seed)
     disable_dropout(model)
     if ref is not None:
@@ -480,19 +514,20 @@ def run(args):
         if len(saved["rng"]) == world:  # (with another number of processes the fresh seeds stand)
             set_rng_state(saved["rng"][rank], generator)
         state.update({k: saved[k] for k in state})
+        changed = {k: (v, vars(args)[k]) for k, v in saved.get("args", {}).items()
+                   if k not in RESUME_MAY_CHANGE and vars(args).get(k, v) != v}
+        if changed and rank == 0:
+            print("note: resuming with settings that differ from the saved run: "
+                  + ", ".join(f"--{k.replace('_', '-')} {a} -> {b}" for k, (a, b) in changed.items()), flush=True)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         if resume_from is not None and (out / "metrics.jsonl").exists():  # drop the steps the resumed run redoes
             lines = (out / "metrics.jsonl").read_text().splitlines()
-            keep = [line for line in lines if json.loads(line)["step"] <= state["step"]]
-            (out / "metrics.jsonl").write_text("".join(l + "\n" for l in keep))
+            keep = [line for line in lines if metrics_step(line) <= state["step"]]
+            (out / "metrics.jsonl").write_text("".join(line + "\n" for line in keep))
         print(f"grace: {args.mode} on {len(records)} records, model {args.model}, {args.steps} steps of "
               f"{args.batch_size} texts x G={args.group_size}, {world} process(es) on {args.device}", flush=True)
-    sts = None
-    if args.eval_every and Path(args.eval_data).exists():
-        rows = [json.loads(l) for l in Path(args.eval_data).read_text().splitlines()[:args.eval_pairs]]
-        sts = [(r["sentence1"], r["sentence2"], float(r["score"])) for r in rows]
-    elif args.eval_every and rank == 0:
+    if args.eval_every and sts is None and rank == 0:
         print(f"note: --eval-every skipped: {args.eval_data} not found", flush=True)
 
     def save():

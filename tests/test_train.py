@@ -271,3 +271,30 @@ def test_eval_every_logs_sts_spearman_and_bad_batch_sizes_are_refused(tmp_path):
     assert -1 <= row["sts_dev_spearman"] <= 1
     res = run_cli(*FAST, "--batch-size", "5", "--out", str(tmp_path / "b"))
     assert res.returncode == 2 and "--batch-size 5" in res.stderr and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"sentence1": "a", "sentence2": "b", "score": 1}\n{"sentence1": "a", "sentence2": "b"}\n',
+     "sts.jsonl:2: field 'score' is missing"),
+    ('{"sentence1": "a", "sentence2": 7, "score": 1}\n', "sts.jsonl:1: field 'sentence2' has int 7"),
+    ('{"sentence1": "a", "sentence2": "b", "score": 1}\n', "at least 2 pairs, found 1"),
+])
+def test_bad_eval_data_is_refused_before_anything_is_written(tmp_path, content, message):
+    (tmp_path / "sts.jsonl").write_text(content)
+    res = run_cli(*FAST, "--eval-every", "1", "--eval-data", str(tmp_path / "sts.jsonl"), "--out", str(tmp_path / "o"))
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not (tmp_path / "o").exists()
+    res = run_cli(*FAST, "--eval-every", "1", "--eval-data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o"))
+    assert res.returncode == 2 and "none.jsonl: file not found" in res.stderr and not (tmp_path / "o").exists()
+
+
+def test_resume_reports_changed_settings_and_survives_a_cut_metrics_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main([*FAST, "--steps", "2", "--out", str(out)])
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "rew')  # a kill in the middle of writing step 3's line
+    capsys.readouterr()
+    train.main([*FAST, "--steps", "3", "--out", str(out), "--resume", "--lr", "1e-4", "--save-every", "5"])
+    printed = capsys.readouterr().out
+    assert "--lr 0.0003 -> 0.0001" in printed and "save-every" not in printed  # only what changes the run
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
