@@ -142,6 +142,10 @@ class GraceEncoder:
             dtype = torch.bfloat16 if torch.device(device).type == "cuda" else None  # bf16 on GPU, fp32 on CPU
             model, tokenizer = policy.load(model_name_or_path, device=device, dtype=dtype)
         self.model, self.tokenizer = model.eval(), tokenizer
+        try:  # the template alone must fit max_length: fail now, not in the middle of a task
+            policy.build_prompts(tokenizer, ["x"], system_prompt, max_length)
+        except ValueError as e:
+            raise UsageError(f"--max-length {max_length}: {e}") from e
         self.settings = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_p=top_p, rationale=rationale, max_length=max_length, seed=seed)
         self.system_prompt, self.instructions = system_prompt, instructions
@@ -467,6 +471,11 @@ def parse_args(argv=None):
     p.add_argument("--corpus", help="with --explain: texts (one per line, or JSONL/CSV with text) to search")
     p.add_argument("--top-k", type=int, default=3)
     args = p.parse_args(argv)
+    for k, low in dict(batch_size=1, max_new_tokens=0, max_length=1, top_k=1, temperature=0).items():
+        if getattr(args, k) < low:
+            p.error(f"--{k.replace('_', '-')} must be at least {low}, got {getattr(args, k)}")
+    if not 0 < args.top_p <= 1:
+        p.error(f"--top-p must be in (0, 1], got {args.top_p}")
     args.model = (args.model or ["tiny"]) + ([args.baseline] if args.baseline else [])
     return args
 

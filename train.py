@@ -452,6 +452,18 @@ def parse_args(argv):
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.micro_batch_size = args.micro_batch_size or args.mini_batch_size
+    at_least = dict(batch_size=1, group_size=1, mini_batch_size=1, micro_batch_size=1, ppo_epochs=1, steps=1,
+                    epochs=1, max_prompt_tokens=1, max_new_tokens=1, save_every=1, eval_pairs=2, eval_every=0,
+                    log_rationales=0, lr=0, weight_decay=0, kl_coef=0)
+    positive = ("temperature", "top_p", "tau", "clip_eps", "max_grad_norm")
+    for k, low in at_least.items():
+        if getattr(args, k) is not None and getattr(args, k) < low:
+            p.error(f"--{k.replace('_', '-')} must be at least {low}, got {getattr(args, k)}")
+    for k in positive:
+        if not getattr(args, k) > 0:
+            p.error(f"--{k.replace('_', '-')} must be > 0, got {getattr(args, k)}")
+    if args.top_p > 1:
+        p.error(f"--top-p must be in (0, 1], got {args.top_p}")
     return args
 
 
@@ -487,6 +499,10 @@ def prepare(args, world):
         raise UsageError(f"--batch-size {args.batch_size} must be at most the {len(records)} records and split into "
                          f"{world} process(es) x whole mini-batches of --mini-batch-size {args.mini_batch_size}")
     args.steps = args.steps or max(1, args.epochs * len(records) // args.batch_size)
+    try:  # the prompt template alone must fit --max-prompt-tokens
+        policy.build_prompts(tok, ["x"], max_length=args.max_prompt_tokens)
+    except ValueError as e:
+        raise UsageError(f"--max-prompt-tokens {args.max_prompt_tokens}: {e}") from e
     sts = None
     if args.eval_every and Path(args.eval_data).exists():
         sts = load_sts_pairs(args.eval_data, args.eval_pairs)

@@ -203,6 +203,7 @@ def _bad_jsonl(tmp_path):
     (["--explain", "hi", "--corpus", "{tmp}/missing.txt"], "missing.txt: cannot read"),
     (["--local", "{tmp}/bad.jsonl", "--model", "{tmp}/no_such_model"], "model folder not found"),
     (["--tasks", "STSBenchmark"], "could not be downloaded"),  # offline (conftest): the hub task has no data
+    (["--explain", "hi", "--max-length", "5"], "--max-length 5: max_length=5 is too short for the prompt template"),
 ])
 def test_cli_bad_input_one_line_nonzero(argv, message, tmp_path, capsys):
     _bad_jsonl(tmp_path)
@@ -214,3 +215,14 @@ def test_cli_bad_input_one_line_nonzero(argv, message, tmp_path, capsys):
     assert last.startswith("error: ") and message in last and err.count("error: ") == 1
     if "download" in message:
         assert "--local" in last
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--max-new-tokens=-1"], "--max-new-tokens must be at least 0"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+])
+def test_cli_bad_numbers_are_refused_by_the_parser(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluate.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err

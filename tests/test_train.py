@@ -298,3 +298,23 @@ def test_resume_reports_changed_settings_and_survives_a_cut_metrics_line(tmp_pat
     printed = capsys.readouterr().out
     assert "--lr 0.0003 -> 0.0001" in printed and "save-every" not in printed  # only what changes the run
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--save-every", "0"], "--save-every must be at least 1"),
+    (["--temperature", "0"], "--temperature must be > 0"),  # the main rollouts are sampled: 0 would be one rollout G times
+    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--lr=-1e-6"], "--lr must be at least 0"),
+])
+def test_bad_numbers_are_refused_by_the_parser(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_prompt_limit_below_the_template_is_refused_before_anything_is_written(tmp_path):
+    res = run_cli(*FAST, "--max-prompt-tokens", "5", "--out", str(tmp_path / "o"))
+    assert res.returncode == 2 and "--max-prompt-tokens 5" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "o").exists()
