@@ -4,9 +4,11 @@
 - build_prompts():  system instruction + the text through the chat template, left-padded
 - embed():          h = normalize(mean of the last hidden states over the pool mask)
 - token_logprobs(): log pi(y_t | y_<t) of given tokens, in chunks so full-vocab logits never pile up
+- output_logits():  the output layer and any logit post-processing, as the model's forward does it
 """
 import json
 import os
+import weakref
 from pathlib import Path
 
 import torch
@@ -91,7 +93,7 @@ def build_tiny_tokenizer(vocab_size=1024):
     Trained with Qwen2's own pre-tokenizer and normaliser, because AutoTokenizer rebuilds those for a
     qwen2 folder: any other choice would give different ids after save + load.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
@@ -224,8 +226,40 @@ def embed(model, sequences, attention_mask, pool_mask):
     return mean_pool(hidden_states(model, sequences, attention_mask), pool_mask)
 
 
-def _chunk_logprobs(head, h, targets, temperature):
-    logits = head(h).float() / temperature  # (n, V) float32: only one chunk's worth at a time
+def output_logits(model, h):
+    """Logits of hidden states h (..., H) as the model's own forward makes them: the output layer, then
+    what some architectures do after it (Gemma 2/3 soft-capping, Cohere's scale, Granite's divisor)."""
+    logits = model.get_output_embeddings()(h)
+    cfg = model.config
+    if getattr(cfg, "final_logit_softcapping", None):
+        logits = torch.tanh(logits / cfg.final_logit_softcapping) * cfg.final_logit_softcapping
+    if isinstance(getattr(cfg, "logit_scale", None), (int, float)):
+        logits = logits * cfg.logit_scale
+    if isinstance(getattr(cfg, "logits_scaling", None), (int, float)):
+        logits = logits / cfg.logits_scaling
+    return logits
+
+
+_checked = weakref.WeakSet()  # models whose output_logits were compared with their own forward
+
+
+def _check_output_logits(model, sequences, attention_mask):
+    """Once per model: output_logits must equal the forward's logits, or every ratio and KL of training
+    would silently be computed for another distribution than the one the rollouts were sampled from."""
+    if model in _checked:
+        return
+    ids, mask = sequences[:1, -16:], attention_mask[:1, -16:]  # a few tokens of one row suffice
+    with torch.no_grad(), _autocast(sequences.device):
+        full = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from(mask)).logits.float()
+        ours = output_logits(model, hidden_states(model, ids, mask)).float()
+    if not torch.allclose(ours, full, rtol=1e-2, atol=1e-3 * (1 + full.abs().max().item())):
+        raise NotImplementedError(f"{type(model).__name__} post-processes its logits in a way policy.output_logits "
+                                  f"does not (max difference {(ours - full).abs().max().item():.3g}); add it there")
+    _checked.add(model)
+
+
+def _chunk_logprobs(model, h, targets, temperature):
+    logits = output_logits(model, h).float() / temperature  # (n, V) float32: only one chunk's worth at a time
     return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)  # (n,)
 
 
@@ -237,16 +271,16 @@ def token_logprobs(model, sequences, attention_mask, completion_mask, temperatur
     `temperature` scores tokens under logits / T: use the temperature the tokens were sampled at.
     """
     B, T = sequences.shape
+    _check_output_logits(model, sequences, attention_mask)
     hidden = hidden_states(model, sequences, attention_mask)  # (B, T, H)
     mask = completion_mask.bool().clone()
     mask[:, 0] = False  # the first token has no prefix to be predicted from
     rows, cols = mask.nonzero(as_tuple=True)  # (M,) each: positions whose token we score
     h = hidden[rows, cols - 1]  # (M, H): the state *before* each scored token predicts it
     targets = sequences[rows, cols]  # (M,)
-    head = model.get_output_embeddings()
     pieces = []
     for s in range(0, len(rows), chunk_size):
-        args = (head, h[s:s + chunk_size], targets[s:s + chunk_size], temperature)
+        args = (model, h[s:s + chunk_size], targets[s:s + chunk_size], temperature)
         with _autocast(sequences.device):
             if torch.is_grad_enabled() and h.requires_grad:
                 pieces.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))

@@ -192,6 +192,51 @@ def test_token_logprobs_equal_float64_log_softmax(arch_model, temperature):
     assert torch.allclose(got_full[real].double(), reference_logprobs(arch_model, ids, mask)[real], atol=1e-5)
 
 
+def post_processing_model(arch):
+    """A random tiny causal LM whose forward changes the output layer's logits after it."""
+    from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config, GraniteConfig
+
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = {"gemma2": lambda: Gemma2Config(final_logit_softcapping=0.5, head_dim=8, **common),
+           "cohere": lambda: CohereConfig(logit_scale=0.25, **common),
+           "granite": lambda: GraniteConfig(logits_scaling=8.0, **common)}[arch]()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():  # logits large enough that a missing cap or scale changes the log-probs
+        model.get_output_embeddings().weight.mul_(20.0)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "cohere", "granite"])
+def test_token_logprobs_follow_each_architectures_logit_post_processing(arch):
+    model = post_processing_model(arch)
+    ids, mask, completion = ragged_batch()
+    got = policy.token_logprobs(model, ids, mask, completion, temperature=0.7)
+    ref = torch.zeros(ids.shape, dtype=torch.float64)
+    for i in range(len(ids)):  # row by row without its padding (Gemma 2's float64 eager path NaNs on pads)
+        real = mask[i].bool()
+        ref[i, real] = reference_logprobs(model, ids[i:i + 1, real], mask[i:i + 1, real], temperature=0.7)[0]
+    on = completion.bool()
+    assert torch.allclose(got[on].double(), ref[on], atol=1e-5)
+    # and the cap / scale matters here: the output layer alone would be far off
+    h = policy.hidden_states(model, ids, mask)
+    raw = (model.get_output_embeddings()(h)[:, :-1].double() / 0.7).log_softmax(-1)
+    raw = raw.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    assert (raw[on[:, 1:]] - ref[:, 1:][on[:, 1:]]).abs().max() > 0.1
+
+
+def test_token_logprobs_refuse_a_model_whose_logits_they_cannot_reproduce():
+    from conftest import make_arch_model
+
+    model = make_arch_model("qwen2")
+    model.config.logits_scaling = 3.0  # output_logits would divide; this model's forward does not
+    ids, mask, completion = ragged_batch()
+    with pytest.raises(NotImplementedError, match="post-processes its logits"):
+        policy.token_logprobs(model, ids, mask, completion)
+
+
 def test_chunked_logprobs_and_gradients_equal_unchunked(tiny):
     model, tokenizer = tiny
     ids, mask, _ = policy.build_prompts(tokenizer, TEXTS)
