@@ -199,14 +199,15 @@ def position_ids_from(attention_mask):
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _autocast(device):
-    # bf16 autocast on GPU (fast, fp32 master weights kept); plain fp32 elsewhere.
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+def autocast(device):
+    """bf16 autocast on GPU (fast; the fp32 master weights are kept), plain fp32 elsewhere. Every
+    forward of training runs under it, rollouts included, so sampling and scoring see the same numerics."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
 
 
 def hidden_states(model, sequences, attention_mask):
     """(B, T, H) last-layer hidden states (after the final norm), without computing any logits."""
-    with _autocast(sequences.device):
+    with autocast(sequences.device):
         out = model.base_model(input_ids=sequences, attention_mask=attention_mask,
                                position_ids=position_ids_from(attention_mask), use_cache=False)
     return out.last_hidden_state
@@ -249,7 +250,7 @@ def _check_output_logits(model, sequences, attention_mask):
     if model in _checked:
         return
     ids, mask = sequences[:1, -16:], attention_mask[:1, -16:]  # a few tokens of one row suffice
-    with torch.no_grad(), _autocast(sequences.device):
+    with torch.no_grad(), autocast(sequences.device):
         full = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from(mask)).logits.float()
         ours = output_logits(model, hidden_states(model, ids, mask)).float()
     if not torch.allclose(ours, full, rtol=1e-2, atol=1e-3 * (1 + full.abs().max().item())):
@@ -281,7 +282,7 @@ def token_logprobs(model, sequences, attention_mask, completion_mask, temperatur
     pieces = []
     for s in range(0, len(rows), chunk_size):
         args = (model, h[s:s + chunk_size], targets[s:s + chunk_size], temperature)
-        with _autocast(sequences.device):
+        with autocast(sequences.device):
             if torch.is_grad_enabled() and h.requires_grad:
                 pieces.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
             else:

@@ -11,10 +11,11 @@ their group's mean; then --ppo-epochs passes of mini-batches of the clipped poli
 KL penalty to the frozen initial model. Unsupervised: one text per record; its own 0.5-temperature
 rationale plays the query.
 
-Precision: weights, gradients and AdamW state stay float32 ("master weights"); on CUDA policy.py runs
-every forward under bf16 autocast. bf16 matmuls run at full speed, bf16 has float32's range (no loss
-scaling), and a 1e-6 update is not rounded away as it would be on bf16 weights. Cost: 16 bytes per
-parameter (1.5B -> 24 GB); FSDP would be the next step for models that do not fit one GPU.
+Precision: weights, gradients and AdamW state stay float32 ("master weights"); on CUDA every forward
+(rollouts, embeddings, log-probs) runs under bf16 autocast (policy.autocast). bf16 matmuls run at full
+speed, bf16 has float32's range (no loss scaling), and a 1e-6 update is not rounded away as it would be
+on bf16 weights. Cost: 16 bytes per parameter (1.5B -> 24 GB); FSDP would be the next step for models
+that do not fit one GPU.
 """
 import argparse
 import json
@@ -201,9 +202,10 @@ def generate(model, tok, texts, n, temperature, args, generator):
     ids, mask, start = (x.repeat_interleave(n, 0).to(args.device) for x in (ids, mask, start))
     # With --top-p < 1 rollouts come from the nucleus, but old, new and ref log-probs all score the full
     # softmax(logits / T): the ratio stays consistent (as in TRL and verl); only the sampler is truncated.
-    ro = rollout.sample(model, ids, mask, args.max_new_tokens, temperature=temperature, top_p=args.top_p,
-                        eos_token_id=policy.stop_token_ids(model, tok),
-                        pad_token_id=tok.pad_token_id, generator=generator)
+    with policy.autocast(ids.device):  # bf16 on GPU, as the scoring forwards that follow
+        ro = rollout.sample(model, ids, mask, args.max_new_tokens, temperature=temperature, top_p=args.top_p,
+                            eos_token_id=policy.stop_token_ids(model, tok),
+                            pad_token_id=tok.pad_token_id, generator=generator)
     pool = policy.pool_mask_from(ro.attention_mask, start)  # text + rationale, no system prompt, no padding
     emb = in_chunks(lambda *t: policy.embed(model, *t), args.micro_batch_size * args.group_size,
                     ro.sequences, ro.attention_mask, pool)

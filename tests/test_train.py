@@ -318,3 +318,26 @@ def test_prompt_limit_below_the_template_is_refused_before_anything_is_written(t
     res = run_cli(*FAST, "--max-prompt-tokens", "5", "--out", str(tmp_path / "o"))
     assert res.returncode == 2 and "--max-prompt-tokens 5" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_rollouts_run_under_the_training_autocast(tmp_path, monkeypatch):
+    """On a GPU the scoring forwards run under bf16 autocast; the rollouts must too (speed, and the
+    same numerics for sampling and scoring). Checked on CPU by watching policy.autocast's context."""
+    import contextlib
+
+    import rollout
+
+    active, seen = [], []
+    real_autocast, real_sample = policy.autocast, rollout.sample
+
+    @contextlib.contextmanager
+    def watched(device):
+        active.append(torch.device(device).type)
+        with real_autocast(device):
+            yield
+        active.pop()
+
+    monkeypatch.setattr(policy, "autocast", watched)
+    monkeypatch.setattr(rollout, "sample", lambda *a, **k: seen.append(list(active)) or real_sample(*a, **k))
+    train.main([*FAST, "--steps", "1", "--out", str(tmp_path / "o")])
+    assert len(seen) == 2 and all(s == ["cpu"] for s in seen)  # main and side rollouts, each inside one
