@@ -55,9 +55,10 @@ def encode_batch(model, tokenizer, texts, *, max_new_tokens, temperature=0.0, to
     ids, mask = ids.to(device), mask.to(device)
     if not rationale:
         return policy.embed(model, ids, mask, policy.pool_mask_from(mask, pool_start)), [""] * len(texts)
-    out = rollout.sample(model, ids, mask, max_new_tokens, temperature=temperature, top_p=top_p,
-                         eos_token_id=policy.stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
-                         generator=generator)
+    with policy.autocast(device):  # an fp32 model on GPU samples in bf16, as policy.embed pools in bf16
+        out = rollout.sample(model, ids, mask, max_new_tokens, temperature=temperature, top_p=top_p,
+                             eos_token_id=policy.stop_token_ids(model, tokenizer),
+                             pad_token_id=tokenizer.pad_token_id, generator=generator)
     # The prompt keeps its positions in the rollout, so pool_start still marks where the text begins.
     pool_mask = policy.pool_mask_from(out.attention_mask, pool_start)
     emb = policy.embed(model, out.sequences, out.attention_mask, pool_mask)
