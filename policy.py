@@ -249,7 +249,8 @@ def _check_output_logits(model, sequences, attention_mask):
     would silently be computed for another distribution than the one the rollouts were sampled from."""
     if model in _checked:
         return
-    ids, mask = sequences[:1, -16:], attention_mask[:1, -16:]  # a few tokens of one row suffice
+    ids = sequences[0][attention_mask[0].bool()][None, :16]  # a few real tokens of one row, no padding
+    mask = torch.ones_like(ids)
     with torch.no_grad(), autocast(sequences.device):
         full = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from(mask)).logits.float()
         ours = output_logits(model, hidden_states(model, ids, mask)).float()

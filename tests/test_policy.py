@@ -227,6 +227,19 @@ def test_token_logprobs_follow_each_architectures_logit_post_processing(arch):
     assert (raw[on[:, 1:]] - ref[:, 1:][on[:, 1:]]).abs().max() > 0.1
 
 
+def test_logit_check_ignores_padding_after_an_early_eos(arch_model):
+    """Row 0 ended long before the others: its last columns are masked padding. The once-per-model
+    logit check must not trip on them, and the log-probs stay exact."""
+    ids, mask, _ = ragged_batch(P=30)
+    mask[0, 10:] = 0  # row 0 stopped after 10 tokens; 20 masked columns follow
+    completion = torch.zeros_like(mask)
+    completion[:, 5:] = mask[:, 5:]
+    got = policy.token_logprobs(arch_model, ids, mask, completion)
+    on = completion.bool()
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got[on].double(), reference_logprobs(arch_model, ids, mask)[on], atol=1e-5)
+
+
 def test_token_logprobs_refuse_a_model_whose_logits_they_cannot_reproduce():
     from conftest import make_arch_model
 
