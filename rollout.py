@@ -103,10 +103,10 @@ def onednn_linears(model, enabled=True):
     """Within the block, every plain fp32 CPU nn.Linear of `model` runs through `onednn_linear`.
     Same weights, same math, rounded differently; restored on exit, so training is untouched.
     Modules whose forward someone else already replaced (hooks, adapters) are left alone."""
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in vars(m)
-               and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
-    if not (enabled and torch.backends.mkldnn.is_available()):
-        linears = []
+    linears = []
+    if enabled and torch.backends.mkldnn.is_available():  # the plain path walks no modules at all
+        linears = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in vars(m)
+                   and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
     for m in linears:
         m.forward = types.MethodType(_onednn_forward, m)
     try:
