@@ -1,0 +1,515 @@
+"""The run folder: one run at a time, its settings, its metrics, its checkpoints, and which one to resume.
+
+    OUT/.lock            flock held for the whole run, holding the runner's pid
+    OUT/config.json      the resolved settings
+    OUT/metrics.jsonl    one JSON object per step (NaN and inf are written as null)
+    OUT/step-N/          a checkpoint: from_pretrained-loadable model + tokenizer, and trainer_state.pt
+                         (step, RNG states, ... and the optimizer state); README.md when a card is given
+    OUT/final/           the export: model + tokenizer (+ README.md), no optimizer state
+    OUT/abandoned/       later checkpoints set aside when a run resumes from an earlier one
+
+Every write survives a kill at any moment: a folder is written as OUT/.tmp-NAME, fsynced, then renamed
+into place (a rename is atomic), so a step-N folder is always complete; a file is written beside
+itself and os.replace'd over. What a kill leaves behind (.tmp-*) clean_orphans() removes at the next
+start. Re-saving a folder that exists moves the old one aside as .old-NAME only once the new one is
+complete; should a kill fall between the two renames, clean_orphans() puts the old one back.
+
+keep_last prunes whole checkpoints: each one kept holds its own optimizer state (AdamW: twice the
+weights), so any of them can be resumed exactly.
+"""
+import errno
+import fcntl
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+STEP = re.compile(r"step-(\d+)")
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+TOKENIZER = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+class CheckpointError(RuntimeError):
+    """A run-folder problem, as one line (the CLIs print it and exit 2)."""
+
+
+# ----------------------------------------------------------------------------- the lock
+
+@contextmanager
+def lock(out):
+    """Hold OUT for this run: two runs writing one folder would interleave their checkpoints.
+
+    flock, not a pid file: the kernel releases it when the process dies, so a kill never leaves a
+    stale lock. The .lock file itself stays (removing it would race with a run taking it).
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out {out} is a file")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise CheckpointError(f"cannot create {e.filename or out}: {e.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise CheckpointError(f"{out} is in use by another run (pid {pid}); wait for it or pass another --out") \
+                from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield out
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def clean_orphans(out):
+    """Remove what a kill left (.tmp-* files and folders; .old-NAME beside a complete NAME) -> removed paths.
+    An .old-NAME whose NAME is missing was complete: it is renamed back. Call under the lock only."""
+    out, removed = Path(out), []
+    for p in sorted(out.glob(".old-*")):
+        if not (out / p.name[5:]).exists():
+            os.replace(p, out / p.name[5:])  # the kill fell between the two renames of a re-save
+            continue
+        _remove(p)
+        removed.append(p)
+    for p in sorted(out.glob(".tmp-*")):
+        _remove(p)
+        removed.append(p)
+    _fsync(out)
+    return removed
+
+
+def _remove(p):
+    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+# ----------------------------------------------------------------------------- config and metrics
+
+def write_config(out, settings):
+    """OUT/config.json: the resolved settings (values JSON cannot hold, such as paths, as strings)."""
+    _atomic_write(Path(out) / "config.json", json.dumps(settings, indent=2, default=str) + "\n")
+
+
+def read_config(out):
+    """OUT/config.json as a dict, or None when the folder has none."""
+    path = Path(out) / "config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+
+
+def append_metrics(out, row):
+    """One line of OUT/metrics.jsonl, flushed and fsynced. NaN and inf become null: strict JSON has
+    neither, and a NaN in the file would break every JSON reader downstream."""
+    line = json.dumps(_finite(row), allow_nan=False) + "\n"
+    path = Path(out) / "metrics.jsonl"
+    try:
+        with open(path, "a+b") as f:
+            end = f.seek(0, os.SEEK_END)
+            f.seek(max(0, end - 1))
+            if end and f.read(1) != b"\n":
+                line = "\n" + line  # a kill cut the last line short: start a fresh line, never extend it
+            f.write(line.encode())
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise _error(e, out, path) from None
+
+
+def _finite(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def truncate_metrics(out, after_step):
+    """Keep the rows with step <= after_step (the resumed run redoes the rest) and drop a line a kill
+    cut short -> the number of rows kept. Atomic: a kill leaves the old file or the new, never neither."""
+    path = Path(out) / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    keep = [line for line in path.read_text(encoding="utf-8").split("\n") if _step_of(line) <= after_step]
+    _atomic_write(path, "".join(line + "\n" for line in keep))
+    return len(keep)
+
+
+def _step_of(line):
+    """A metrics row's step; a cut-short or foreign line counts as after every step."""
+    try:
+        step = json.loads(line)["step"]
+        return step if isinstance(step, int) else math.inf
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def _atomic_write(path, text):
+    tmp = path.with_name(f".tmp-{path.name}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync(path.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _error(e, path.parent, path) from None
+
+
+# ----------------------------------------------------------------------------- saving
+
+def save(out, step, model, tokenizer, trainer_state, *, optimizer_state=None, keep_last=None, card=None, files=None,
+         state_dict=None):
+    """OUT/step-N/ (model, tokenizer, trainer_state.pt with the optimizer state, README.md = card, and
+    `files`: {name: text}), complete or absent; then, with keep_last, only the keep_last newest remain.
+    state_dict: the weights to write instead of the model's own (a sharded model's gathered full state)."""
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be at least 1, got {keep_last}")
+    if trainer_state.get("step", step) != step:
+        raise ValueError(f"trainer_state['step'] is {trainer_state['step']}, saving step {step}")
+    state = dict(trainer_state, step=step, optimizer=optimizer_state)
+    final = _write_folder(Path(out), f"step-{step}", model, tokenizer, card, state, files, state_dict)
+    if keep_last:
+        older = [p for p in checkpoints(out) if p != final]
+        for old in older[:max(0, len(older) + 1 - keep_last)]:  # oldest first
+            _discard(old)
+    return final
+
+
+def export_final(out, model, tokenizer, card=None, files=None, state_dict=None):
+    """OUT/final/: the trained model + tokenizer (+ README.md card, `files`), nothing to resume from."""
+    return _write_folder(Path(out), "final", model, tokenizer, card, None, files, state_dict)
+
+
+def _write_folder(out, name, model, tokenizer, card, state, files=None, state_dict=None):
+    """Write OUT/.tmp-NAME, make it readable and durable, rename it to OUT/NAME -> OUT/NAME."""
+    from transformers.utils import logging
+
+    tmp, final = out / f".tmp-{name}", out / name
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        logging.disable_progress_bar()  # a "Writing model shards" bar would break the training bar
+        try:
+            model.save_pretrained(tmp, state_dict=state_dict)
+        finally:
+            logging.enable_progress_bar()
+        tokenizer.save_pretrained(tmp)
+        for file_name, text in (files or {}).items():
+            (tmp / file_name).write_text(text, encoding="utf-8")
+        if state is not None:
+            with open(tmp / "trainer_state.pt", "wb") as f:  # a file object: a full disk surfaces as OSError
+                torch.save(state, f)
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
+        for p in [tmp, *tmp.rglob("*")]:  # safetensors writes 0600: others could not load the model
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        fsync_tree(tmp)
+        _swap_in(tmp, final)
+    except BaseException as e:  # a failure or Ctrl-C: no half-written folder stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _no_space(e) or isinstance(e, OSError):
+            raise _error(e, out, final) from e
+        raise
+    return final
+
+
+def _swap_in(tmp, final):
+    """Rename tmp to final; an existing final is moved aside first and deleted only once the new one
+    is in place (and back if the rename fails)."""
+    old, replacing = final.with_name(f".old-{final.name}"), final.exists()
+    if replacing:
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if replacing:
+            os.replace(old, final)
+        raise
+    _fsync(final.parent)  # the new one is durable before the old one goes
+    shutil.rmtree(old, ignore_errors=True)  # a leftover is clean_orphans' job; the save itself succeeded
+
+
+def _discard(path):
+    """Delete a checkpoint: renamed first, so a kill mid-delete leaves a .tmp-* orphan, not half a step-N."""
+    doomed = path.with_name(f".tmp-del-{path.name}")
+    try:
+        os.replace(path, doomed)
+        shutil.rmtree(doomed)
+    except OSError as e:
+        raise _error(e, path.parent, path) from None
+
+
+def _no_space(e):
+    """ENOSPC anywhere in the exception chain: safetensors and torch.save wrap it in their own errors."""
+    while e is not None:
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _error(e, out, path):
+    if _no_space(e):
+        return CheckpointError(f"no space left on the device at {out}")
+    why = getattr(e, "strerror", None) or _first_line(e)
+    return CheckpointError(f"cannot write {getattr(e, 'filename', None) or path}: {why}")
+
+
+def _first_line(e):
+    return (str(e).strip() or type(e).__name__).splitlines()[0]
+
+
+def fsync_tree(path):
+    """fsync every file under path, then every folder bottom-up (a rename is durable only once its
+    folder is): after this a power cut cannot leave the tree half on disk."""
+    for root, _, files in os.walk(path, topdown=False):
+        for name in files:
+            _fsync(os.path.join(root, name))
+        _fsync(root)
+
+
+def _fsync(path):
+    """fsync a file or a folder (on Linux a folder opens read-only too)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def is_finite_state(model):
+    """Every parameter finite: checked before saving, so a NaN never becomes the checkpoint to resume."""
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- finding and resuming
+
+def checkpoints(out):
+    """OUT/step-N folders, oldest first (other names are ignored)."""
+    found = [p for p in Path(out).glob("step-*") if STEP.fullmatch(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def loadable(path):
+    """-> (ok, reason): config, weights (not cut short), tokenizer and a readable trainer_state.pt whose
+    step matches the folder's name. Reads headers only, and the state memory-mapped: cheap at resume."""
+    path = Path(path)
+    if not path.is_dir():
+        return False, f"{path} is not a folder"
+    if not (path / "config.json").is_file():
+        return False, "config.json is missing"
+    weights = _weights_problem(path)
+    if weights:
+        return False, weights
+    if not (path / "tokenizer_config.json").is_file() or not any((path / f).is_file() for f in TOKENIZER):
+        return False, "tokenizer files are missing"
+    try:
+        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False, mmap=True)
+    except FileNotFoundError:
+        return False, "trainer_state.pt is missing"
+    except Exception as e:  # a cut-short zip fails in several ways (RuntimeError, EOFError, pickle errors)
+        return False, f"trainer_state.pt is unreadable ({_first_line(e)})"
+    match = STEP.fullmatch(path.name)
+    if not isinstance(state, dict) or (match and state.get("step") != int(match[1])):
+        return False, f"trainer_state.pt is for step {state.get('step') if isinstance(state, dict) else '?'}"
+    return True, "ok"
+
+
+def _weights_problem(path):
+    """None if the safetensors weights (single file, or every shard of the index) are whole."""
+    if (path / WEIGHTS[1]).is_file():
+        try:
+            shards = sorted(set(json.loads((path / WEIGHTS[1]).read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError):
+            return f"{WEIGHTS[1]} is unreadable"
+    elif (path / WEIGHTS[0]).is_file():
+        shards = [WEIGHTS[0]]
+    else:
+        return "model.safetensors is missing"
+    for shard in shards:
+        if not _safetensors_whole(path / shard):
+            return f"{shard} is missing or cut short"
+    return None
+
+
+def _safetensors_whole(file):
+    """The file is as long as its header says: 8-byte header size, JSON header, then the tensor bytes."""
+    try:
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        return file.stat().st_size == 8 + n + end
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def resume_point(out, requested="latest"):
+    """-> (checkpoint to resume, [(skipped path, why)]): the newest loadable step-N, falling back past
+    broken ones; or `requested`, a checkpoint folder (a path, or a step-N name inside OUT)."""
+    if requested != "latest":
+        path = Path(requested) if Path(requested).exists() else Path(out) / requested
+        ok, why = loadable(path)
+        if not ok:
+            raise CheckpointError(f"cannot resume from {requested}: {why}")
+        return path, []
+    skipped = []
+    for path in reversed(checkpoints(out)):
+        ok, why = loadable(path)
+        if ok:
+            return path, skipped
+        skipped.append((path, why))
+    reasons = "".join(f"; {p.name}: {why}" for p, why in skipped)
+    raise CheckpointError(f"no checkpoint to resume in {out}{reasons}")
+
+
+def read_state(path):
+    """The trainer state dict of a checkpoint folder (or of a trainer_state.pt file)."""
+    path = Path(path)
+    file = path / "trainer_state.pt" if path.is_dir() else path
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"{file}: unreadable ({_first_line(e)})") from None
+
+
+def set_aside_after(out, step):
+    """Resuming from `step`: move every later step-M to OUT/abandoned/step-M (never deleted: they are a
+    run's results) -> their new paths. A name already taken there gets a suffix: step-M.1, step-M.2, ..."""
+    moved = []
+    for path in checkpoints(out):
+        if int(path.name[5:]) <= step:
+            continue
+        aside = Path(out) / "abandoned"
+        aside.mkdir(exist_ok=True)
+        dest, k = aside / path.name, 0
+        while dest.exists():
+            k += 1
+            dest = aside / f"{path.name}.{k}"
+        os.replace(path, dest)
+        moved.append(dest)
+    if moved:
+        _fsync(moved[0].parent)
+        _fsync(out)
+    return moved
+
+
+# ----------------------------------------------------------------------------- starting and resuming a run
+
+def settle(out, resumed_step=None):
+    """Under the lock, before a run writes: remove what a kill left half-written; when resuming from
+    resumed_step, set later checkpoints aside and drop the metrics of the steps to be redone; a fresh
+    run needs a folder without checkpoints, and moves aside (never deletes) the metrics and settings of
+    a run that crashed before its first one. -> notes for the user."""
+    out = Path(out)
+    clean_orphans(out)
+    if resumed_step is not None:
+        notes = [f"resuming from step {resumed_step}: the later {p.name} was moved to {p.parent}"
+                 for p in set_aside_after(out, resumed_step)]
+        truncate_metrics(out, resumed_step)
+        return notes
+    if checkpoints(out):
+        raise CheckpointError(f"{out}/ already holds a run; pass --resume to continue it, or --out NEW_DIR")
+    leftovers = [out / name for name in ("metrics.jsonl", "config.json") if (out / name).exists()]
+    if not leftovers:
+        return []
+    aside = out / "abandoned" / time.strftime("%Y%m%d-%H%M%S")
+    aside.mkdir(parents=True, exist_ok=True)
+    for path in leftovers:
+        os.replace(path, aside / path.name)
+    return [f"{out}/ held a run that saved no checkpoint; its files were moved to {aside}"]
+
+
+def merge_settings(saved, current, given, may_change, keep_current=()):
+    """A resumed run's settings -> (merged, changed, refused). The saved value wins for every setting
+    not given on the command line; a given one that differs is applied if in may_change (and listed in
+    `changed`), else listed in `refused`. keep_current: settings never taken from the saved run."""
+    merged, changed, refused = {}, [], []
+    for k, old in saved.items():
+        if k in keep_current or k not in current:
+            continue
+        new = current[k]
+        if k not in given or new == old:
+            merged[k] = old
+        else:
+            (changed if k in may_change else refused).append(f"--{k.replace('_', '-')} {old} -> {new}")
+    return merged, changed, refused
+
+
+def rng_state(generator):
+    """Every RNG a step draws from: torch's, Python's, the sampler's generator, CUDA's."""
+    return dict(torch=torch.get_rng_state(), python=random.getstate(), sampler=generator.get_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def set_rng_state(state, generator):
+    torch.set_rng_state(state["torch"]), random.setstate(state["python"]), generator.set_state(state["sampler"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- checkpoint folders for other tools
+
+ST_GUARD_MESSAGE = (
+    "This is a GRACE checkpoint, not a sentence-transformers model: its embedding of a text is the mean of "
+    "the hidden states over the text AND a rationale the model first writes, which sentence-transformers "
+    "cannot compute (plain pooling gives other, wrong vectors). Embed with grace instead: "
+    "`from evaluate import GraceEncoder; GraceEncoder(FOLDER).encode(texts)`, or "
+    "`python evaluate.py --model FOLDER --tasks ...`.")
+
+
+def st_guard_files():
+    """{file name: text} for a checkpoint folder, so that SentenceTransformer(folder) (and `mteb run -m
+    folder`, which loads it through sentence-transformers) fails with ST_GUARD_MESSAGE instead of silently
+    mean-pooling without the rationale. modules.json makes sentence-transformers read the folder as its
+    own model (without it, it builds Transformer + mean pooling); config_sentence_transformers.json
+    declares a requirement nothing meets (python<0; 'python' is never offered to pip install), which
+    sentence-transformers >= 6 checks before loading any module, and prints with our reason. Older
+    versions skip that check and fail importing the module type named in modules.json instead."""
+    modules = [{"idx": 0, "name": "0", "path": "",
+                "type": "grace_checkpoint_not_loadable_by_sentence_transformers.UseGraceEncoder"}]
+    config = {"requirements": {"python": {"specifier": "<0", "reason": ST_GUARD_MESSAGE}},
+              "model_type": "SentenceTransformer"}
+    return {"modules.json": json.dumps(modules, indent=2) + "\n",
+            "config_sentence_transformers.json": json.dumps(config, indent=2) + "\n"}
+
+
+def model_card(settings):
+    """README.md text for a checkpoint folder, from its grace.json settings."""
+    shown = "\n".join(f"- `{k}`: {json.dumps(v)}" for k, v in settings.items())
+    return f"""# GRACE checkpoint
+
+A chat LLM trained with GRACE (reinforcement learning) to be a text encoder. For each text the model
+first writes a rationale; the embedding is the L2-normalised mean of its last hidden states over the
+text and that rationale (the system prompt excluded). It stays a causal LM: `from_pretrained` loads it.
+
+```python
+from evaluate import GraceEncoder  # evaluate.py of the grace repository
+embeddings = GraceEncoder("path/to/this/folder").encode(["a text", "another text"])
+```
+
+MTEB scores: `python evaluate.py --model path/to/this/folder --tasks STSBenchmark,SciFact`
+
+Do not load this folder with sentence-transformers or `mteb run -m`: their plain pooling skips the
+rationale and gives other, wrong embeddings (the folder's modules.json makes them fail on purpose).
+
+Training settings (grace.json):
+{shown}
+"""

@@ -1,0 +1,374 @@
+"""checkpoint.py: a run folder that survives kills, full disks and a second run, and resumes what is whole."""
+import errno
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoint
+from checkpoint import CheckpointError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def save(out, step, tiny, **kw):
+    model, tok = tiny
+    return checkpoint.save(out, step, model, tok, {"step": step, "marker": kw.pop("marker", step)},
+                           optimizer_state=kw.pop("optimizer_state", {"state": {}, "exp_avg": torch.ones(3)}), **kw)
+
+
+def mode(path):
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def leftovers(out):
+    return sorted(p.name for p in Path(out).iterdir() if p.name.startswith((".tmp-", ".old-")))
+
+
+# ----------------------------------------------------------------------------- lock
+
+def test_lock_held_by_another_process(tmp_path):
+    out = tmp_path / "run"
+    code = ("import sys, time, checkpoint\n"
+            "held = checkpoint.lock(sys.argv[1])\nheld.__enter__()\nprint('locked', flush=True)\ntime.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(CheckpointError) as e:
+            with checkpoint.lock(out):
+                pass
+        assert str(e.value) == (f"{out} is in use by another run (pid {holder.pid}); "
+                                "wait for it or pass another --out")
+    finally:
+        holder.kill()
+        holder.wait()
+    with checkpoint.lock(out):  # the kernel released it when the holder died: no stale lock
+        assert (out / ".lock").read_text().strip() == str(os.getpid())
+
+
+def test_lock_creates_parents_and_is_released_on_exceptions(tmp_path):
+    out = tmp_path / "a" / "b"
+    with pytest.raises(ZeroDivisionError):
+        with checkpoint.lock(out):
+            assert out.is_dir()
+            with pytest.raises(CheckpointError, match=f"pid {os.getpid()}"):  # a second open: a second holder
+                with checkpoint.lock(out):
+                    pass
+            1 / 0
+    with checkpoint.lock(out) as held:
+        assert held == out
+
+
+def test_lock_out_is_a_file(tmp_path):
+    f = tmp_path / "out"
+    f.write_text("x")
+    with pytest.raises(CheckpointError, match=f"^--out {f} is a file$"):
+        with checkpoint.lock(f):
+            pass
+    with pytest.raises(CheckpointError, match="cannot create"):
+        with checkpoint.lock(f / "below"):
+            pass
+
+
+def test_clean_orphans(tmp_path):
+    (tmp_path / "step-1").mkdir()
+    (tmp_path / ".tmp-step-3").mkdir()
+    (tmp_path / ".tmp-step-3" / "model.safetensors").write_bytes(b"half")
+    (tmp_path / ".tmp-metrics.jsonl").write_text("{}")
+    (tmp_path / "step-2").mkdir()
+    (tmp_path / ".old-step-2").mkdir()  # re-save finished its renames: the old copy is garbage
+    (tmp_path / ".old-step-5").mkdir()  # killed between the renames: the old copy is the checkpoint
+    (tmp_path / ".old-step-5" / "marker").write_text("old")
+    removed = checkpoint.clean_orphans(tmp_path)
+    assert sorted(p.name for p in removed) == [".old-step-2", ".tmp-metrics.jsonl", ".tmp-step-3"]
+    assert leftovers(tmp_path) == []
+    assert (tmp_path / "step-5" / "marker").read_text() == "old"
+    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step-1", "step-2", "step-5"]
+
+
+# ----------------------------------------------------------------------------- config and metrics
+
+def test_config_roundtrip(tmp_path):
+    assert checkpoint.read_config(tmp_path) is None
+    checkpoint.write_config(tmp_path, {"lr": 1e-6, "data": Path("/x/y.jsonl"), "steps": None})
+    assert checkpoint.read_config(tmp_path) == {"lr": 1e-6, "data": "/x/y.jsonl", "steps": None}
+    assert leftovers(tmp_path) == []
+    (tmp_path / "config.json").write_text("{cut")
+    with pytest.raises(CheckpointError, match="config.json"):
+        checkpoint.read_config(tmp_path)
+
+
+def test_append_metrics_nan_is_null_and_a_cut_line_is_not_extended(tmp_path):
+    checkpoint.append_metrics(tmp_path, {"step": 1, "loss": float("nan"), "x": [float("inf"), 2.0]})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "lo')  # a kill mid-line
+    checkpoint.append_metrics(tmp_path, {"step": 2, "loss": 0.5})
+    lines = (tmp_path / "metrics.jsonl").read_text().split("\n")
+    assert json.loads(lines[0]) == {"step": 1, "loss": None, "x": [None, 2.0]}
+    assert lines[1] == '{"step": 2, "lo' and json.loads(lines[2]) == {"step": 2, "loss": 0.5}
+    assert checkpoint.truncate_metrics(tmp_path, 5) == 2
+
+
+def test_truncate_metrics_keeps_earlier_steps_and_drops_a_cut_line(tmp_path):
+    assert checkpoint.truncate_metrics(tmp_path, 3) == 0  # no file yet
+    for s in range(1, 6):
+        checkpoint.append_metrics(tmp_path, {"step": s})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "re')
+    assert checkpoint.truncate_metrics(tmp_path, 3) == 3
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert leftovers(tmp_path) == []
+
+
+def test_truncate_metrics_is_atomic(tmp_path, monkeypatch):
+    for s in range(1, 6):
+        checkpoint.append_metrics(tmp_path, {"step": s})
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+
+    def killed(src, dst):  # the new file is written; the process dies before it replaces the old one
+        assert Path(src).read_text().count("\n") == 2
+        raise OSError(errno.EIO, "killed")
+
+    monkeypatch.setattr(checkpoint.os, "replace", killed)
+    with pytest.raises(CheckpointError):
+        checkpoint.truncate_metrics(tmp_path, 2)
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before
+    assert leftovers(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- save
+
+def test_save_writes_a_complete_readable_checkpoint(tmp_path, tiny):
+    path = save(tmp_path, 3, tiny, card="# my model\n")
+    assert path == tmp_path / "step-3"
+    assert {"config.json", "model.safetensors", "tokenizer_config.json", "trainer_state.pt", "README.md"} <= \
+        {p.name for p in path.iterdir()}
+    assert checkpoint.loadable(path) == (True, "ok")
+    state = checkpoint.read_state(path)
+    assert state["step"] == 3 and torch.equal(state["optimizer"]["exp_avg"], torch.ones(3))
+    assert (path / "README.md").read_text() == "# my model\n"
+    assert mode(path) == 0o755 and all(mode(p) == 0o644 for p in path.iterdir())
+    assert leftovers(tmp_path) == []
+
+
+def test_save_refuses_a_state_of_another_step(tmp_path, tiny):
+    with pytest.raises(ValueError, match="step"):
+        checkpoint.save(tmp_path, 2, *tiny, {"step": 1})
+
+
+@pytest.mark.parametrize("kill", [RuntimeError("killed"), KeyboardInterrupt()])
+def test_save_killed_midway_leaves_nothing(tmp_path, tiny, monkeypatch, kill):
+    save(tmp_path, 1, tiny)
+
+    def dies(*a, **k):
+        raise kill
+
+    monkeypatch.setattr(checkpoint.torch, "save", dies)
+    with pytest.raises(type(kill)):
+        save(tmp_path, 2, tiny)
+    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step-1"] and leftovers(tmp_path) == []
+    assert checkpoint.loadable(tmp_path / "step-1") == (True, "ok")
+
+
+def test_save_enospc(tmp_path, tiny, monkeypatch):
+    save(tmp_path, 1, tiny)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    with pytest.raises(CheckpointError, match=f"^no space left on the device at {tmp_path}$"):
+        save(tmp_path, 2, tiny)
+    assert leftovers(tmp_path) == [] and not (tmp_path / "step-2").exists()
+
+
+def test_save_enospc_wrapped_by_safetensors(tmp_path, tiny, monkeypatch):
+    model, tok = tiny
+
+    def full(*a, **k):  # safetensors' own error type, ENOSPC only in its text
+        raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(model, "save_pretrained", full)
+    with pytest.raises(CheckpointError, match="no space left on the device at"):
+        checkpoint.save(tmp_path, 1, model, tok, {})
+    assert leftovers(tmp_path) == []
+
+
+def test_save_other_oserror_names_the_path(tmp_path, tiny, monkeypatch):
+    def denied(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", "/some/file")
+
+    monkeypatch.setattr(checkpoint.torch, "save", denied)
+    with pytest.raises(CheckpointError, match="cannot write /some/file: Permission denied"):
+        save(tmp_path, 1, tiny)
+
+
+@pytest.fixture
+def tiny_disk():
+    """A 2 MiB tmpfs: room for one tiny checkpoint (1.3 MB), not two. Needs root and mount."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("a real full disk needs root to mount a tmpfs")
+    folder = tempfile.mkdtemp()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", folder], capture_output=True, text=True)
+    if done.returncode:
+        os.rmdir(folder)
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield Path(folder)
+    finally:
+        subprocess.run(["umount", folder], check=True)
+        os.rmdir(folder)
+
+
+def test_save_on_a_really_full_disk(tiny_disk, tiny):
+    out = tiny_disk / "run"
+    with checkpoint.lock(out):
+        save(out, 1, tiny)
+        free = shutil.disk_usage(out).free
+        with pytest.raises(CheckpointError, match=f"^no space left on the device at {out}$"):
+            save(out, 2, tiny)
+        assert leftovers(out) == [] and shutil.disk_usage(out).free == free  # the partial copy is gone
+        assert checkpoint.resume_point(out) == (out / "step-1", [])
+
+
+def test_resave_keeps_the_old_until_the_new_is_complete(tmp_path, tiny, monkeypatch):
+    save(tmp_path, 2, tiny, marker="old")
+    real_save = torch.save
+
+    def check_then_die(obj, f):
+        assert checkpoint.read_state(tmp_path / "step-2")["marker"] == "old"  # still in place
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(checkpoint.torch, "save", check_then_die)
+    with pytest.raises(RuntimeError):
+        save(tmp_path, 2, tiny, marker="new")
+    assert checkpoint.read_state(tmp_path / "step-2")["marker"] == "old" and leftovers(tmp_path) == []
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    save(tmp_path, 2, tiny, marker="new")
+    assert checkpoint.read_state(tmp_path / "step-2")["marker"] == "new" and leftovers(tmp_path) == []
+
+
+def test_resave_failing_at_the_final_rename_restores_the_old(tmp_path, tiny, monkeypatch):
+    save(tmp_path, 2, tiny, marker="old")
+    real_replace = os.replace
+
+    def fails_into_place(src, dst):
+        if Path(src).name == ".tmp-step-2":
+            raise OSError(errno.EIO, "I/O error")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", fails_into_place)
+    with pytest.raises(CheckpointError, match="I/O error"):
+        save(tmp_path, 2, tiny, marker="new")
+    assert checkpoint.read_state(tmp_path / "step-2")["marker"] == "old" and leftovers(tmp_path) == []
+
+
+def test_keep_last(tmp_path, tiny):
+    for s in range(1, 6):
+        save(tmp_path, s, tiny, keep_last=2)
+        assert len(checkpoint.checkpoints(tmp_path)) == min(s, 2)
+    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step-4", "step-5"]
+    save(tmp_path, 6, tiny, keep_last=1)
+    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step-6"] and leftovers(tmp_path) == []
+    assert "optimizer" in checkpoint.read_state(tmp_path / "step-6")
+    with pytest.raises(ValueError):
+        save(tmp_path, 7, tiny, keep_last=0)
+
+
+def test_export_final_loads_with_from_pretrained(tmp_path, tiny):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok = tiny
+    path = checkpoint.export_final(tmp_path, model, tok, card="card")
+    checkpoint.export_final(tmp_path, model, tok)  # a second export replaces the first
+    assert path == tmp_path / "final" and not (path / "trainer_state.pt").exists() and leftovers(tmp_path) == []
+    loaded = AutoModelForCausalLM.from_pretrained(path)
+    AutoTokenizer.from_pretrained(path)
+    ids = torch.tensor([[1, 5, 7]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
+    assert not (path / "README.md").exists()  # the second export had no card
+    assert checkpoint.checkpoints(tmp_path) == []
+
+
+def test_is_finite_state():
+    layer = torch.nn.Linear(2, 2)
+    assert checkpoint.is_finite_state(layer)
+    with torch.no_grad():
+        layer.weight[0, 1] = float("nan")
+    assert not checkpoint.is_finite_state(layer)
+
+
+# ----------------------------------------------------------------------------- finding and resuming
+
+def test_checkpoints_ignores_other_names(tmp_path):
+    for name in ("step-10", "step-9", "step-x", "step-3.bak", "abandoned", "final"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "step-11").write_text("a file")
+    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step-9", "step-10"]
+
+
+def test_resume_point_falls_back_past_broken_checkpoints(tmp_path, tiny):
+    for s in (1, 2, 3, 4):
+        save(tmp_path, s, tiny)
+    state = tmp_path / "step-4" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:200])  # cut short by a kill (no .tmp rename on old versions)
+    (tmp_path / "step-3" / "model.safetensors").unlink()
+    weights = tmp_path / "step-2" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    path, skipped = checkpoint.resume_point(tmp_path)
+    assert path == tmp_path / "step-1"
+    assert [(p.name, why.split(" (")[0]) for p, why in skipped] == [
+        ("step-4", "trainer_state.pt is unreadable"), ("step-3", "model.safetensors is missing"),
+        ("step-2", "model.safetensors is missing or cut short")]
+
+
+def test_resume_point_other_reasons(tmp_path, tiny):
+    save(tmp_path, 1, tiny)
+    shutil.copytree(tmp_path / "step-1", tmp_path / "step-7")  # a folder renamed by hand
+    (tmp_path / "step-1" / "tokenizer.json").unlink()
+    (tmp_path / "step-1" / "tokenizer_config.json").unlink()
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.resume_point(tmp_path)
+    assert str(e.value) == (f"no checkpoint to resume in {tmp_path}; step-7: trainer_state.pt is for step 1; "
+                            "step-1: tokenizer files are missing")
+    assert checkpoint.loadable(tmp_path / "nope")[0] is False
+    (tmp_path / "step-7" / "config.json").unlink()
+    assert checkpoint.loadable(tmp_path / "step-7") == (False, "config.json is missing")
+
+
+def test_resume_point_nothing_and_requested(tmp_path, tiny):
+    with pytest.raises(CheckpointError, match=f"^no checkpoint to resume in {tmp_path}$"):
+        checkpoint.resume_point(tmp_path)
+    save(tmp_path, 1, tiny)
+    save(tmp_path, 2, tiny)
+    assert checkpoint.resume_point(tmp_path, str(tmp_path / "step-1")) == (tmp_path / "step-1", [])
+    assert checkpoint.resume_point(tmp_path, "step-1") == (tmp_path / "step-1", [])
+    (tmp_path / "step-1" / "trainer_state.pt").unlink()
+    with pytest.raises(CheckpointError, match="step-1: trainer_state.pt is missing"):
+        checkpoint.resume_point(tmp_path, "step-1")
+
+
+def test_read_state_unreadable(tmp_path):
+    (tmp_path / "trainer_state.pt").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="trainer_state.pt: unreadable"):
+        checkpoint.read_state(tmp_path)
+
+
+def test_set_aside_after_moves_never_deletes(tmp_path, tiny):
+    for s in (1, 2, 3):
+        save(tmp_path, s, tiny)
+    (tmp_path / "abandoned" / "step-3").mkdir(parents=True)  # set aside by an earlier resume
+    moved = checkpoint.set_aside_after(tmp_path, 1)
+    assert [p.relative_to(tmp_path).as_posix() for p in moved] == ["abandoned/step-2", "abandoned/step-3.1"]
+    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step-1"]
+    assert all(checkpoint.loadable(p)[0] for p in moved) and (tmp_path / "abandoned" / "step-3").is_dir()
+    assert checkpoint.set_aside_after(tmp_path, 1) == []
