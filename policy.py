@@ -1,6 +1,13 @@
 """The LLM as a policy (it writes rationales) and as an encoder (its hidden states are the embedding).
 
-- load():           any causal LM folder or hub name, or "tiny": a random model built offline
+The GRACE embedding of a text, defined once here for training and evaluation alike (`encode`):
+
+    prompt  = chat template(system instruction, text)            build_prompts
+    y       ~ pi_theta(. | prompt)    a rationale                 rollout.sample
+    h       = normalize(mean_t H_last[t]), t over text + y        embed (system prompt and padding excluded)
+
+- load():           any causal LM folder or hub name, or the built-in "tiny" (random) and "tiny-lm" (pretrained here)
+- encode():         texts -> n rationales each -> pooled embeddings: the one embedding path
 - build_prompts():  system instruction + the text through the chat template, left-padded
 - embed():          h = normalize(mean of the last hidden states over the pool mask)
 - token_logprobs(): log pi(y_t | y_<t) of given tokens, in chunks so full-vocab logits never pile up
@@ -9,11 +16,14 @@
 import json
 import os
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+import rollout
 
 DEFAULT_SYSTEM_PROMPT = (
     "Read the text below and analyse it. First reason about it step by step inside <think></think> "
@@ -22,7 +32,9 @@ DEFAULT_SYSTEM_PROMPT = (
 # Used when a tokenizer has no chat template (e.g. base GPT-2).
 FALLBACK_TEMPLATE = "System: {system}\n\nText: {text}\n\nAnalysis:"
 
-SAMPLE_DATA = Path(__file__).resolve().parent / "data" / "sample_triples.jsonl"
+ROOT = Path(__file__).resolve().parent
+SAMPLE_DATA = ROOT / "data" / "sample_triples.jsonl"
+TINY_LM = ROOT / "models" / "tiny-lm"  # made by pretrain.py, shipped with the repo
 TINY_CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -32,13 +44,18 @@ TINY_CHAT_TEMPLATE = (
 # ----------------------------------------------------------------------------- loading
 
 def load(name_or_path, device="cpu", dtype=None, seed=0):
-    """-> (model, tokenizer). "tiny" builds the offline default; anything else goes to from_pretrained.
+    """-> (model, tokenizer) in eval mode. "tiny" builds a random 0.3M model offline (the demo and tests);
+    "tiny-lm" is the small LM pretrained by pretrain.py; anything else goes to from_pretrained.
 
     The tokenizer pads on the left (prompts must end where generation starts) and always has a pad
     token. dtype None means float32: master weights for training; pass torch.bfloat16 to evaluate.
     """
     if str(name_or_path) == "tiny":
         model, tokenizer = build_tiny(seed)
+    elif str(name_or_path) == "tiny-lm":
+        if not (TINY_LM / "config.json").exists():
+            raise FileNotFoundError(f"tiny-lm is missing from {TINY_LM}: rebuild it with `python pretrain.py`")
+        model, tokenizer = _from_pretrained(str(TINY_LM))
     else:
         model, tokenizer = _from_pretrained(str(name_or_path))
     model.to(device=device, dtype=dtype or torch.float32)
@@ -65,68 +82,68 @@ def _from_pretrained(name):
     return model, tokenizer
 
 
-def build_tiny(seed=0):
-    """A ~0.3M-parameter random Qwen2 with a byte-level BPE tokenizer trained here, in milliseconds.
-
-    Same seed, same weights; the tokenizer is the same for every seed. Saves and loads like any hub model.
-    """
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    tokenizer = build_tiny_tokenizer()
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-        tie_word_embeddings=True, attention_dropout=0.0,
-        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.eval(), tokenizer  # from_config starts in train mode
-
-
-def build_tiny_tokenizer(vocab_size=1024):
-    """Byte-level BPE trained on the project's sample sentences, as a Qwen2Tokenizer.
-
-    Trained with Qwen2's own pre-tokenizer and normaliser, because AutoTokenizer rebuilds those for a
-    qwen2 folder: any other choice would give different ids after save + load.
-    """
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    bpe = Tokenizer(models.BPE())
-    bpe.normalizer = normalizers.NFC()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(_tiny_corpus(), trainer)
-    state = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]]
-    tokenizer = Qwen2Tokenizer(vocab=state["vocab"], merges=merges, eos_token="<|im_end|>",
-                               pad_token="<|endoftext|>", unk_token=None, padding_side="left")
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    return tokenizer
-
-
-def _tiny_corpus():
-    lines = [DEFAULT_SYSTEM_PROMPT, FALLBACK_TEMPLATE, "<think> </think>"]
-    for line in SAMPLE_DATA.read_text(encoding="utf-8").splitlines():
-        lines.extend(json.loads(line).values())
-    return lines
-
-
 def stop_token_ids(model, tokenizer):
     """The ids that end a rationale: generation_config's (chat models list several, e.g. Qwen's
     <|im_end|> and <|endoftext|>), else the tokenizer's EOS."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     return eos if eos is not None else tokenizer.eos_token_id
+
+
+# ----------------------------------------------------------------------------- the GRACE embedding
+
+@dataclass
+class Encoded:
+    rollout: rollout.Rollout  # (B*n, P+T) sequences and masks; rows text-major: text i -> rows i*n .. i*n+n-1
+    embeddings: torch.Tensor  # (B*n, H) float32, L2-normalised
+    pool_mask: torch.Tensor  # (B*n, P+T) the positions pooled: text + rationale
+    prompts_cut: torch.Tensor  # (B,) bool: texts shortened to fit max_length
+    logprobs: torch.Tensor | None = None  # (B*n, P+T) log pi(y_t | y_<t) of the rationale, with logprob_temperature
+
+
+PROMPT_BUCKET = 64  # compiled sampling: prompts are padded to a multiple of this, so few shapes compile
+
+
+@torch.no_grad()
+def encode(model, tokenizer, texts, *, n=1, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0,
+           system_prompt=DEFAULT_SYSTEM_PROMPT, max_length=1024, rationale=True, generator=None,
+           compile=False, chunk_rows=None, logprob_temperature=None):
+    """texts -> n rationales each -> Encoded: the rollouts and their pooled embeddings.
+
+    The one definition of a GRACE embedding: training rewards it, the in-training STS check and
+    evaluate.py score it. temperature 0 is greedy (evaluation's default); training samples its main
+    rollouts at 1.0. rationale=False pools the prompt alone (the no-rationale baseline).
+    compile: the static-cache, torch.compile'd sampler (rollout.sample), with prompt widths bucketed.
+    chunk_rows bounds the rows of one embedding forward (activation memory on big models).
+    logprob_temperature: also score the rationale tokens under logits / T from the same hidden states
+    (one forward instead of two: training's old log-probs).
+    """
+    device = next(model.parameters()).device
+    ids, mask, start, cut = build_prompts(tokenizer, texts, system_prompt, max_length, return_truncated=True,
+                                          pad_to=PROMPT_BUCKET if compile else 1)
+    ids, mask, start = (x.repeat_interleave(n, 0).to(device) for x in (ids, mask, start))  # (B*n, P)
+    if rationale:
+        with autocast(device):  # bf16 on GPU, as the scoring forwards that follow
+            ro = rollout.sample(model, ids, mask, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                eos_token_id=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                generator=generator, compile=compile)
+    else:
+        ro = rollout.Rollout(ids, mask, torch.zeros_like(mask), torch.zeros(len(ids), dtype=torch.bool, device=device))
+    pool = pool_mask_from(ro.attention_mask, start)  # text + rationale: no system prompt, no padding
+    rows = chunk_rows or len(ids)
+    embeddings, logprobs = [], []
+    for s in range(0, len(ids), rows):
+        seqs, am, cm = ro.sequences[s:s + rows], ro.attention_mask[s:s + rows], ro.completion_mask[s:s + rows]
+        hidden = hidden_states(model, seqs, am)  # (rows, T, H): one forward serves both
+        embeddings.append(mean_pool(hidden, pool[s:s + rows]))
+        if logprob_temperature is not None:
+            logprobs.append(logprobs_from_hidden(model, hidden, seqs, am, cm, logprob_temperature))
+    return Encoded(ro, torch.cat(embeddings), pool, cut, torch.cat(logprobs) if logprobs else None)
+
+
+def rationale_texts(tokenizer, ro):
+    """The generated text of every row of a Rollout (special tokens such as EOS dropped)."""
+    return [tokenizer.decode(seq[m.bool()], skip_special_tokens=True)
+            for seq, m in zip(ro.sequences, ro.completion_mask)]
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -155,12 +172,13 @@ def _tokenize_prompt(tokenizer, text, system_prompt):
 
 
 def build_prompts(tokenizer, texts, system_prompt=DEFAULT_SYSTEM_PROMPT, max_length=1024,
-                  return_truncated=False):
+                  return_truncated=False, pad_to=1):
     """-> input_ids (B, P), attention_mask (B, P), pool_start (B,) [, truncated (B,) bool].
 
     Left-padded. pool_start[i] is the first position of row i that pooling may use (the first token
     of the text, after padding and the system prompt). A text too long for max_length is cut (its
-    tail goes) so the whole prompt fits; `truncated` says which were.
+    tail goes) so the whole prompt fits; `truncated` says which were. pad_to rounds the width P up to
+    a multiple (more left padding), so a compiled sampler sees a few prompt shapes, not one per batch.
     """
     rows, starts, cut = [], [], []
     for text in texts:
@@ -175,7 +193,7 @@ def build_prompts(tokenizer, texts, system_prompt=DEFAULT_SYSTEM_PROMPT, max_len
             text, was_cut = tokenizer.decode(text_ids[:keep]), True
             ids, start = _tokenize_prompt(tokenizer, text, system_prompt)
         rows.append(ids), starts.append(start), cut.append(was_cut)
-    P = max(len(r) for r in rows)
+    P = -(-max(len(r) for r in rows) // pad_to) * pad_to
     input_ids = torch.full((len(rows), P), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), P), dtype=torch.long)
     for i, ids in enumerate(rows):
@@ -272,9 +290,14 @@ def token_logprobs(model, sequences, attention_mask, completion_mask, temperatur
     recomputed in backward (checkpoint), so the float32 (n, V) logits are never all kept at once.
     `temperature` scores tokens under logits / T: use the temperature the tokens were sampled at.
     """
+    hidden = hidden_states(model, sequences, attention_mask)  # (B, T, H)
+    return logprobs_from_hidden(model, hidden, sequences, attention_mask, completion_mask, temperature, chunk_size)
+
+
+def logprobs_from_hidden(model, hidden, sequences, attention_mask, completion_mask, temperature=1.0, chunk_size=1024):
+    """token_logprobs from last hidden states (B, T, H) already computed (encode reuses its pooling forward)."""
     B, T = sequences.shape
     _check_output_logits(model, sequences, attention_mask)
-    hidden = hidden_states(model, sequences, attention_mask)  # (B, T, H)
     mask = completion_mask.bool().clone()
     mask[:, 0] = False  # the first token has no prefix to be predicted from
     rows, cols = mask.nonzero(as_tuple=True)  # (M,) each: positions whose token we score
@@ -292,3 +315,63 @@ def token_logprobs(model, sequences, attention_mask, completion_mask, temperatur
     if pieces:
         out = out.index_put((rows, cols), torch.cat(pieces).float())
     return out
+
+
+# ----------------------------------------------------------------------------- the built-in tiny model
+# Scaffolding for the demo and the tests, kept out of the reading path above.
+
+def build_tiny(seed=0):
+    """A ~0.3M-parameter random Qwen2 with a byte-level BPE tokenizer trained here, in milliseconds.
+
+    Same seed, same weights; the tokenizer is the same for every seed. Saves and loads like any hub model.
+    """
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    tokenizer = build_tiny_tokenizer()
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        tie_word_embeddings=True, attention_dropout=0.0,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer  # from_config starts in train mode
+
+
+def build_tiny_tokenizer(vocab_size=1024):
+    """Byte-level BPE trained on the project's sample sentences, as a Qwen2Tokenizer.
+
+    Trained with Qwen2's own pre-tokenizer and normaliser, because AutoTokenizer rebuilds those for a
+    qwen2 folder: any other choice would give different ids after save + load.
+    """
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(_tiny_corpus(), trainer)
+    state = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]]
+    tokenizer = Qwen2Tokenizer(vocab=state["vocab"], merges=merges, eos_token="<|im_end|>",
+                               pad_token="<|endoftext|>", unk_token=None, padding_side="left")
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _tiny_corpus():
+    lines = [DEFAULT_SYSTEM_PROMPT, FALLBACK_TEMPLATE, "<think> </think>"]
+    for line in SAMPLE_DATA.read_text(encoding="utf-8").splitlines():
+        lines.extend(json.loads(line).values())
+    return lines

@@ -9,6 +9,11 @@ vectors cos(a, b) = a . b, so every term is a dot product. Pure tensor math, flo
     unsupervised  r_i = s_pos + w_clu s_clu - w_x s_x                     (unsupervised_rewards)
     infonce       r_i = log softmax_c(cos(m_i, c) / tau)[own query]       (infonce_rewards, not GRACE's)
 
+REWARDS is the table train.py chooses from (--reward NAME): every entry has the signature
+fn(query, main, negative, group_size, *, temperature, truncated, length_penalty, **options), with
+negative None in unsupervised mode; OPTIONS lists the options each one takes, so a flag that does not
+apply to the chosen reward can be refused. A new reward is a function and one line in each table.
+
 With with_scale every term is divided by tau. A rollout that hit the length limit without EOS gets
 exactly -1 instead (not divided by tau), as in the release.
 
@@ -153,8 +158,7 @@ def unsupervised_rewards(query, main, group_size, *, temperature=0.1, with_scale
     return _finish(total, parts, truncated, length_penalty)
 
 
-def infonce_rewards(query, main, negative, group_size, *, temperature=0.1, truncated=None,
-                    length_penalty=True, with_scale=True, clustering_weight=None, cross_group_weight=None):
+def infonce_rewards(query, main, negative, group_size, *, temperature=0.1, truncated=None, length_penalty=True):
     """Per-rollout contrastive reward -> (rewards (N,), parts).
 
     r_i = cos(m_i, q_g(i))/tau - logsumexp_c cos(m_i, c)/tau, over the candidates c = every group's
@@ -162,8 +166,7 @@ def infonce_rewards(query, main, negative, group_size, *, temperature=0.1, trunc
     query. r_i <= 0; with one group and no negative it is exactly 0 (one candidate).
     parts: positive (the first term), logsumexp (the second, subtracted), truncated; both scaled by 1/tau.
     negative=None gives the unsupervised variant (candidates are the queries only).
-    with_scale and the weights are accepted and ignored (the softmax always uses tau), so a caller can
-    pass the release reward's options unchanged; any other keyword is a TypeError.
+    It has no scale switch (the softmax always uses tau) and no weights: passing them is a TypeError.
     """
     _check(group_size, truncated, temperature, query=query, main=main, negative=negative)
     candidates = _groups(query, group_size)[:, 0]  # (n, H): own query of group g is candidate g
@@ -176,3 +179,16 @@ def infonce_rewards(query, main, negative, group_size, *, temperature=0.1, trunc
         "logsumexp": logits.logsumexp(-1),
     }
     return _finish(parts["positive"] - parts["logsumexp"], parts, truncated, length_penalty)
+
+
+# ----------------------------------------------------------------------------- the table train.py chooses from
+
+def release_rewards(query, main, negative, group_size, **kw):
+    """GRACE's reward as released: supervised with a negative, unsupervised without one."""
+    if negative is None:
+        return unsupervised_rewards(query, main, group_size, **kw)
+    return grace_rewards(query, main, negative, group_size, **kw)
+
+
+REWARDS = {"release": release_rewards, "infonce": infonce_rewards}
+OPTIONS = {"release": ("with_scale", "clustering_weight", "cross_group_weight"), "infonce": ()}

@@ -73,65 +73,7 @@ def next_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-# ----------------------------------------------------------------------------- the fast path
-
-# A decode step multiplies a few rows (the batch) by every weight matrix of the model. For such
-# skinny fp32 matmuls the BLAS call behind F.linear on CPU (MKL) can be far slower than oneDNN, the
-# library inductor itself uses for CPU inference: 2.4x on the 32k-vocabulary output layer of the
-# bench model, on the AMD CPU we measured (bench/rollout.py prints both for the machine at hand).
-# Inductor only does that for frozen weights, and a policy's weights change every step, so the
-# compiled path routes nn.Linear through oneDNN itself, with the live weights. A custom op, so
-# torch.compile keeps it as one opaque call (inductor's own lowering of the oneDNN op wants frozen
-# weights).
-@torch.library.custom_op("grace::onednn_linear", mutates_args=())
-def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear(x, weight, bias) computed by oneDNN (CPU, no autograd). x: (..., in) -> (..., out)."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-@onednn_linear.register_fake
-def _(x, weight, bias):
-    return x.new_empty(*x.shape[:-1], weight.size(0))
-
-
-def _onednn_forward(self, x):
-    return onednn_linear(x, self.weight, self.bias)
-
-
-@contextmanager
-def onednn_linears(model, enabled=True):
-    """Within the block, every plain fp32 CPU nn.Linear of `model` runs through `onednn_linear`.
-    Same weights, same math, rounded differently; restored on exit, so training is untouched.
-    Modules whose forward someone else already replaced (hooks, adapters) are left alone."""
-    linears = []
-    if enabled and torch.backends.mkldnn.is_available():  # the plain path walks no modules at all
-        linears = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in vars(m)
-                   and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
-    for m in linears:
-        m.forward = types.MethodType(_onednn_forward, m)
-    try:
-        yield
-    finally:
-        for m in linears:
-            del m.forward  # the class's forward again
-
-
 # ----------------------------------------------------------------------------- the loop
-
-_compiled = weakref.WeakKeyDictionary()  # model -> compiled forward, so a second call does not recompile
-
-
-def _decode_forward(model, compile):
-    if not compile:
-        return model
-    if model not in _compiled:
-        cuda = next(model.parameters()).device.type == "cuda"
-        # On GPU "reduce-overhead" records the fixed-shape decode step as a CUDA graph: one launch
-        # per step instead of hundreds of small kernels. On CPU inductor's default mode fuses ops.
-        _compiled[model] = torch.compile(model, mode="reduce-overhead" if cuda else "default",
-                                         fullgraph=True, dynamic=False)
-    return _compiled[model]
-
 
 # no_grad, not inference_mode: the sequences feed a later training forward, and inference-mode
 # tensors cannot be saved for backward (the embedding lookup saves its indices).
@@ -174,6 +116,8 @@ def sample(model, input_ids, attention_mask, max_new_tokens, temperature=1.0, to
         out = model(input_ids=input_ids, attention_mask=mask if static_cache else attention_mask,
                     position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1]  # (B, V)
+        if not torch.isfinite(logits).all():  # diverged weights: say so here, not as a multinomial error later
+            raise FloatingPointError("the model's logits are not finite (NaN/inf): its weights have diverged")
         cache = out.cache
         position = attention_mask.long().sum(-1, keepdim=True)  # (B, 1) next token's position
 
@@ -199,3 +143,69 @@ def sample(model, input_ids, attention_mask, max_new_tokens, temperature=1.0, to
 
     return Rollout(sequences=seqs[:, :P + T], attention_mask=mask[:, :P + T],
                    completion_mask=alive[:, :P + T].to(mask.dtype), truncated=~finished)
+
+
+def compilations():
+    """How many graphs torch.compile has built in this process (a run should build a handful, not one per step)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+_compiled = weakref.WeakKeyDictionary()  # model -> compiled forward, so a second call does not recompile
+
+
+def _decode_forward(model, compile):
+    if not compile:
+        return model
+    if model not in _compiled:
+        cuda = next(model.parameters()).device.type == "cuda"
+        # On GPU "reduce-overhead" records the fixed-shape decode step as a CUDA graph: one launch
+        # per step instead of hundreds of small kernels. On CPU inductor's default mode fuses ops.
+        _compiled[model] = torch.compile(model, mode="reduce-overhead" if cuda else "default",
+                                         fullgraph=True, dynamic=False)
+    return _compiled[model]
+
+
+# ----------------------------------------------------------------------------- CPU scaffolding for the compiled path
+# Not needed to read the loop above: a workaround for one BLAS library's slow skinny matmuls.
+
+# A decode step multiplies a few rows (the batch) by every weight matrix of the model. For such
+# skinny fp32 matmuls the BLAS call behind F.linear on CPU (MKL) can be far slower than oneDNN, the
+# library inductor itself uses for CPU inference: 2.4x on the 32k-vocabulary output layer of the
+# bench model, on the AMD CPU we measured (bench/rollout.py prints both for the machine at hand).
+# Inductor only does that for frozen weights, and a policy's weights change every step, so the
+# compiled path routes nn.Linear through oneDNN itself, with the live weights. A custom op, so
+# torch.compile keeps it as one opaque call (inductor's own lowering of the oneDNN op wants frozen
+# weights).
+@torch.library.custom_op("grace::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) computed by oneDNN (CPU, no autograd). x: (..., in) -> (..., out)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@onednn_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.size(0))
+
+
+def _onednn_forward(self, x):
+    return onednn_linear(x, self.weight, self.bias)
+
+
+@contextmanager
+def onednn_linears(model, enabled=True):
+    """Within the block, every plain fp32 CPU nn.Linear of `model` runs through `onednn_linear`.
+    Same weights, same math, rounded differently; restored on exit, so training is untouched.
+    Modules whose forward someone else already replaced (hooks, adapters) are left alone."""
+    linears = []
+    if enabled and torch.backends.mkldnn.is_available():  # the plain path walks no modules at all
+        linears = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in vars(m)
+                   and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
+    for m in linears:
+        m.forward = types.MethodType(_onednn_forward, m)
+    try:
+        yield
+    finally:
+        for m in linears:
+            del m.forward  # the class's forward again
