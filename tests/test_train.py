@@ -531,6 +531,11 @@ def test_keep_last_keeps_exactly_n_and_a_final_export_is_written(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     config = json.loads((out / "config.json").read_text())
     assert config["keep_last"] == 2 and config["preset"] == "tiny"
+    # a checkpoint is not a sentence-transformers model: loading it so fails with a message, never mis-embeds
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    with pytest.raises(ImportError, match="GRACE checkpoint"):
+        sentence_transformers.SentenceTransformer(str(out / "final"))
+    assert "GraceEncoder" in (out / "final" / "README.md").read_text()
 
 
 # ----------------------------------------------------------------------------- faults
@@ -608,3 +613,23 @@ def test_contrastive_objective_trains_checkpoints_and_resumes_exactly(tmp_path):
     b = policy.load(str(tmp_path / "half" / "step-2"))[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], policy.load("tiny")[0].state_dict()[k]) for k in a)  # it did move
+
+
+def test_out_naming_a_file_is_one_line(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    res = run_cli(*FAST, "--steps", "1", "--out", str(tmp_path / "a_file"))
+    assert res.returncode == 2 and "is a file" in res.stderr and "Traceback" not in res.stderr
+    assert (tmp_path / "a_file").read_text() == "x"
+
+
+def test_ctrl_c_while_torch_is_still_importing_exits_quietly():
+    import signal
+    import time
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--out", "/nonexistent/never-written"], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # importing torch and transformers takes seconds: the signal lands in the imports
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
