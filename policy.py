@@ -342,8 +342,8 @@ def build_tiny(seed=0):
     return model.eval(), tokenizer  # from_config starts in train mode
 
 
-def build_tiny_tokenizer(vocab_size=1024):
-    """Byte-level BPE trained on the project's sample sentences, as a Qwen2Tokenizer.
+def build_tiny_tokenizer(vocab_size=1024, corpus=None):
+    """Byte-level BPE trained on `corpus` (default: the project's sample sentences), as a Qwen2Tokenizer.
 
     Trained with Qwen2's own pre-tokenizer and normaliser, because AutoTokenizer rebuilds those for a
     qwen2 folder: any other choice would give different ids after save + load.
@@ -361,7 +361,7 @@ def build_tiny_tokenizer(vocab_size=1024):
     ])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(_tiny_corpus(), trainer)
+    bpe.train_from_iterator(_tiny_corpus() if corpus is None else corpus, trainer)
     state = json.loads(bpe.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]]
     tokenizer = Qwen2Tokenizer(vocab=state["vocab"], merges=merges, eos_token="<|im_end|>",

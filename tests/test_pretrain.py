@@ -1,0 +1,145 @@
+"""pretrain.py: the tokenizer, the chat samples, a deterministic (tiny) build, and the shipped models/tiny-lm."""
+import json
+
+import pytest
+import torch
+
+import policy
+import pretrain
+from conftest import ROOT
+
+SHIPPED = ROOT / "models" / "tiny-lm"
+LINES = [
+    "the team is a unit", "how big is that part compared to the whole?", "an entity that has physical existence",
+    "a general concept formed by extracting common features from specific examples", "lard was also used",
+    "Did you find your glasses?", "a tangible and visible entity", "the American shopkeeper differs from his European",
+] * 8
+VARIED = ["Hello, world!", "  two  spaces\tand a tab\nnew line", "café naïve façade", "日本語のテキスト",
+          "emoji 🙂 and math ∑ x²", "<think>\nsome note\n</think>\nrestated", "numbers 12345 and 3.14"]
+TINY_BUILD = ["--steps", "3", "--hidden", "32", "--ffn", "64", "--layers", "2", "--heads", "2", "--kv-heads", "1",
+              "--vocab-size", "400", "--batch-size", "4", "--warmup", "1", "--seq-len", "32", "--heldout-lines", "8"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return pretrain.build_tokenizer(pretrain.tokenizer_corpus(LINES, 24), 400)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A fake WordNet folder: the two text files and a licence file, so the build runs without ../shared."""
+    d = tmp_path / "wn"
+    d.mkdir()
+    (d / "wordnet_examples.txt").write_text("\n".join(LINES[:4] + [f"example {i}" for i in range(30)]))
+    (d / "wordnet_glosses.txt").write_text("\n".join(LINES[4:8] + [f"gloss number {i}" for i in range(30)]))
+    (d / pretrain.LICENSE_FILE).write_text("WordNet 3.0 Copyright 2006 by Princeton University.")
+    return d
+
+
+def test_tokenizer_round_trip_and_reload(tokenizer, tmp_path):
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+    for text in VARIED:  # byte-level: any (NFC) text decodes back exactly
+        assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+    tokenizer.save_pretrained(tmp_path)
+    from transformers import AutoTokenizer
+
+    loaded = AutoTokenizer.from_pretrained(tmp_path, padding_side="left")
+    texts = VARIED + [policy.render_prompt(tokenizer, t) for t in VARIED]
+    assert loaded(texts, add_special_tokens=False)["input_ids"] == tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert (loaded.eos_token_id, loaded.pad_token_id) == (tokenizer.eos_token_id, tokenizer.pad_token_id)
+    assert loaded.chat_template == policy.TINY_CHAT_TEMPLATE
+
+
+def test_chat_sample_is_grace_prompt_plus_answer(tokenizer):
+    text = "Did you find your glasses?"
+    expected_prompt = (f"<|im_start|>system\n{policy.DEFAULT_SYSTEM_PROMPT}<|im_end|>\n"
+                       f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n")
+    assert policy.render_prompt(tokenizer, text) == expected_prompt
+    sample = pretrain.chat_text(tokenizer, text, restate_words=24)
+    answer = "<think>\nfind your glasses\n</think>\nDid you find your glasses?"
+    assert sample == expected_prompt + answer + "<|im_end|>\n"
+    ids = tokenizer(sample, add_special_tokens=False)["input_ids"]
+    assert ids.count(tokenizer.eos_token_id) == 3  # system, user and the answer each end with <|im_end|>
+
+
+def test_assistant_turn_restates_a_bounded_prefix():
+    long = " ".join(f"w{i}" for i in range(50))
+    assert pretrain.assistant_turn(long, 5).endswith("</think>\nw0 w1 w2 w3 w4")
+    assert pretrain.think_note("a big elephant (the grey one)") == "big elephant grey"  # longest, in text order
+
+
+def test_split_is_seeded_and_disjoint():
+    lines = [f"line {i}" for i in range(100)]
+    train, held = pretrain.split_lines(lines, 5, seed=0)
+    assert len(held) == 5 and not set(train) & set(held) and sorted(train + held) == sorted(lines)
+    assert pretrain.split_lines(lines, 5, seed=0) == (train, held)
+    assert pretrain.split_lines(lines, 5, seed=1)[1] != held
+
+
+def _build(corpus, out, seed):
+    pretrain.main(TINY_BUILD + ["--data-dir", str(corpus), "--out", str(out), "--seed", str(seed)])
+    from safetensors.torch import load_file
+
+    return load_file(out / "model.safetensors")
+
+
+def test_build_is_deterministic_from_seed(corpus, tmp_path):
+    a, b = _build(corpus, tmp_path / "a", 0), _build(corpus, tmp_path / "b", 0)
+    c = _build(corpus, tmp_path / "c", 1)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if k in c)
+    out = tmp_path / "a"
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "README.md", "WORDNET_LICENSE"):
+        assert (out / name).exists(), name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "step" in r] == [0, 2] and records[-1]["heldout_ppl"] > 1
+    model, tok = policy.load(str(out))  # loads like any model folder, as float32
+    assert next(model.parameters()).dtype == torch.float32
+    assert model.generation_config.eos_token_id == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_policy_does_not_import_pretrain():
+    import ast
+
+    tree = ast.parse((ROOT / "policy.py").read_text())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "pretrain" not in names  # imports flow one way: pretrain -> policy
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    if not (SHIPPED / "model.safetensors").exists():
+        pytest.skip(f"{SHIPPED} is not built (python pretrain.py)")
+    return policy.load(str(SHIPPED))
+
+
+def test_shipped_model_files(shipped):
+    size = sum(f.stat().st_size for f in SHIPPED.iterdir())
+    assert size <= 10 * 2**20, f"models/tiny-lm is {size / 2**20:.1f} MB"
+    assert "Princeton University" in (SHIPPED / "WORDNET_LICENSE").read_text()
+    final = json.loads((SHIPPED / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["final"] and final["heldout_ppl"] < 500  # trained: a random model scores about the vocab size, 4096
+    gen = json.loads((SHIPPED / "generation_config.json").read_text())
+    model, tok = shipped
+    assert gen["eos_token_id"] == tok.eos_token_id and gen["pad_token_id"] == tok.pad_token_id
+
+
+def test_shipped_model_answers_with_eos(shipped):
+    import rollout
+
+    model, tok = shipped
+    texts = ["A man is playing a guitar.", "the act of moving something from one place to another"]
+    ids, mask, _ = policy.build_prompts(tok, texts)
+    with torch.no_grad():
+        out = rollout.sample(model, ids, mask, 64, temperature=0.0, eos_token_id=policy.stop_token_ids(model, tok),
+                             pad_token_id=tok.pad_token_id)
+    assert not out.truncated.any()  # every greedy rationale ended with <|im_end|> within 64 tokens
+    assert (out.completion_mask.sum(1) >= 4).all()
+
+
+def test_shipped_model_embeddings_depend_on_the_text(shipped):
+    model, tok = shipped
+    ids, mask, start = policy.build_prompts(tok, ["a small dog", "the stock market fell sharply today"])
+    h = policy.embed(model, ids, mask, policy.pool_mask_from(mask, start))
+    assert float(h[0] @ h[1]) < 0.99
