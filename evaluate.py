@@ -54,7 +54,7 @@ class UsageError(Exception):
 
 def encode_texts(model, tokenizer, texts, *, batch_size=16, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=0.0,
                  top_p=1.0, rationale=True, system_prompt=policy.DEFAULT_SYSTEM_PROMPT, max_length=DEFAULT_MAX_LENGTH,
-                 seed=0, sort=True, return_rationales=False, progress=False, stats=None, desc=None):
+                 seed=0, sort=True, return_rationales=False, progress=False, stats=None, desc=None, compile=False):
     """(N, H) float32 numpy embeddings of `texts` by policy.encode, in their order [, and the rationales].
 
     sort=True batches texts of similar token length together (longest first, so an out-of-memory
@@ -63,6 +63,7 @@ def encode_texts(model, tokenizer, texts, *, batch_size=16, max_new_tokens=DEFAU
     (temperature > 0) draws from one generator seeded with `seed`, so it repeats for the same batches.
     progress: a tqdm bar (True, False, or None = only on a terminal). stats: a dict to add counts to
     (texts, rationale tokens without the stop token, empty rationales, prompts cut to max_length).
+    compile: policy.encode's compiled sampler (static cache + torch.compile, bucketed prompt widths).
     """
     from tqdm.auto import tqdm
 
@@ -82,7 +83,7 @@ def encode_texts(model, tokenizer, texts, *, batch_size=16, max_new_tokens=DEFAU
         idx = order[s:s + batch_size]
         enc = policy.encode(model, tokenizer, [texts[i] for i in idx], max_new_tokens=max_new_tokens,
                             temperature=temperature, top_p=top_p, system_prompt=system_prompt, max_length=max_length,
-                            rationale=rationale, generator=generator)
+                            rationale=rationale, generator=generator, compile=compile)
         out[idx] = enc.embeddings.float().cpu().numpy()
         ro = enc.rollout
         n_tokens = (ro.completion_mask.sum(1) - (~ro.truncated).long()).clamp(min=0) if rationale else [0] * len(idx)
@@ -123,7 +124,7 @@ class GraceEncoder:
 
     def __init__(self, model_name_or_path="tiny", revision=None, *, max_new_tokens=None, batch_size=16,
                  temperature=0.0, top_p=1.0, device=None, rationale=True, seed=0, instructions=False,
-                 system_prompt=None, max_length=None, model=None, tokenizer=None, progress=False):
+                 system_prompt=None, max_length=None, model=None, tokenizer=None, progress=False, compile="auto"):
         saved = checkpoint_settings(model_name_or_path)
         picked = {}
         for key, given, saved_key, fallback in (("max_new_tokens", max_new_tokens, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS),
@@ -143,8 +144,11 @@ class GraceEncoder:
             policy.build_prompts(tokenizer, ["x"], system_prompt, max_length)
         except ValueError as e:
             raise UsageError(f"--max-length {max_length}: {e}") from e
+        if compile == "auto":  # the compiled sampler pays off on CUDA; on CPU it compiles each new shape
+            compile = torch.device(device).type == "cuda"
         self.settings = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_p=top_p, rationale=rationale, max_length=max_length, seed=seed)
+                             top_p=top_p, rationale=rationale, max_length=max_length, seed=seed,
+                             compile=compile in (True, "on"))
         self.system_prompt, self.instructions, self.progress = system_prompt, instructions, progress
         self.name_or_path, self.revision = model_name_or_path, revision
         self.stats = {"texts": 0, "tokens": 0, "empty": 0, "cut": 0, "calls": 0}
@@ -300,6 +304,8 @@ def parse_args(argv=None):
     g.add_argument("--no-rationale", action="store_true", help="pool the prompt alone: the base-model baseline")
     g.add_argument("--instructions", action="store_true", help="add mteb's task instruction to the system prompt")
     g.add_argument("--batch-size", type=int, default=16, help="texts per forward")
+    g.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="static-cache + torch.compile sampler; auto = on for CUDA, off on CPU")
     g = p.add_argument_group("results")
     g.add_argument("--out", default="results", help="folder of mteb's result JSONs, reused by reruns ('' = keep none)")
     g.add_argument("--recompute", action="store_true", help="ignore results already in --out, and overwrite them")
@@ -342,7 +348,7 @@ def run(args):
     enc_kwargs = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
                       top_p=args.top_p, device=args.device, rationale=not args.no_rationale, seed=args.seed,
                       instructions=args.instructions, max_length=args.max_length, system_prompt=args.system_prompt,
-                      progress=False if args.no_progress or rank else None)
+                      progress=False if args.no_progress or rank else None, compile=args.compile)
     for name in args.model:  # a typo in the second model's name should not wait for the first one's tasks
         check_model_name(name)
     if args.explain:

@@ -441,3 +441,13 @@ def test_help_is_fast_and_shows_defaults():
     assert run.returncode == 0 and "(default: 16)" in run.stdout and "(default: results)" in run.stdout
     assert "mteb" not in run.stderr and "../shared" not in run.stdout, "-h must not import mteb"
     assert time.perf_counter() - start < 60
+
+
+def test_the_compiled_sampler_gives_the_plain_embeddings(tiny):
+    """--compile on (static cache, torch.compile, prompts padded to a bucket) embeds as the plain path."""
+    model, tok = tiny
+    texts = ["A cat sleeps on the mat.", "Rain."]
+    plain = evaluate.encode_texts(model, tok, texts, max_new_tokens=5, batch_size=2)
+    fast = evaluate.encode_texts(model, tok, texts, max_new_tokens=5, batch_size=2, compile=True)
+    assert np.allclose(plain, fast, atol=1e-4)
+    assert evaluate.GraceEncoder("tiny", model=model, tokenizer=tok, device="cpu").settings["compile"] is False
