@@ -4,6 +4,7 @@
     python train.py --model tiny-lm --data triplets.jsonl    # the small LM pretrained here: watch it learn
     python train.py --model Qwen/Qwen2.5-1.5B-Instruct --data triples.jsonl
     torchrun --nproc_per_node=4 train.py --model ... --data ...   # data-parallel, whole groups per rank
+    torchrun --nproc_per_node=8 train.py --fsdp [--offload] ...    # FSDP2: weights, grads, AdamW sharded
 
 The objective, for a supervised record (q, p, n) and the policy pi_theta:
 
@@ -190,53 +191,56 @@ def rl_step(model, ref, tok, opt, batch, args, generator, world):
     adv = group_advantages(rewards, G, args.scale_adv_by_std)
 
     # 3. reference log-probs (N, L) of the main rationales, for the KL penalty
-    ro, rows = main.rollout, args.micro_batch_size * G
+    rollouts, rows = main.rollout, args.micro_batch_size * G
     ref_logp = None
     if ref is not None:
-        ref_logp = torch.cat([policy.token_logprobs(ref, ro.sequences[s:s + rows], ro.attention_mask[s:s + rows],
-                                                    ro.completion_mask[s:s + rows], temperature=args.temperature)
-                              for s in range(0, len(ro.sequences), rows)])
+        chunks = [slice(s, s + rows) for s in range(0, len(rollouts.sequences), rows)]  # bounded activations
+        ref_logp = torch.cat([policy.token_logprobs(ref, rollouts.sequences[c], rollouts.attention_mask[c],
+                                                    rollouts.completion_mask[c], temperature=args.temperature)
+                              for c in chunks])
     t2 = time.perf_counter()
 
     # 4. --ppo-epochs passes of mini-batches of the clipped loss
     model.train(args.grad_checkpointing)  # HF checkpoints only in train mode; dropout is 0 either way
-    stats = update(model, opt, ro, adv, main.logprobs, ref_logp, args, world)
+    stats = update(model, opt, rollouts, adv, main.logprobs, ref_logp, args, world)
     model.eval()  # rollouts use the KV cache, which gradient checkpointing (train mode) switches off
     t3 = time.perf_counter()
 
-    m = dict(reward=rewards.mean().item(), **{f"reward/{k}": v.mean().item() for k, v in parts.items()},
-             adv_abs=adv.abs().mean().item(), adv_std=adv.std(unbiased=False).item(),
-             **rationale_stats(main), prompts_cut=int(main.prompts_cut.sum() + side.prompts_cut.sum()),
-             t_rollout=t1 - t0, t_score=t2 - t1, t_update=t3 - t2,
-             tokens_per_s=ro.completion_mask.sum().item() / (t1 - t0), compilations=rollout.compilations(),
-             **stats, **diagnostics(main.embeddings, parts, G, ro))
-    return m, (batch[0], policy.rationale_texts(tok, ro)[0])
+    metrics = dict(reward=rewards.mean().item(), **{f"reward/{k}": v.mean().item() for k, v in parts.items()},
+                   adv_abs=adv.abs().mean().item(), adv_std=adv.std(unbiased=False).item(),
+                   **rationale_stats(main), prompts_cut=int(main.prompts_cut.sum() + side.prompts_cut.sum()),
+                   t_rollout=t1 - t0, t_score=t2 - t1, t_update=t3 - t2,
+                   tokens_per_s=rollouts.completion_mask.sum().item() / (t1 - t0),
+                   compilations=rollout.compilations(), **stats, **diagnostics(main.embeddings, parts, G, rollouts))
+    return metrics, (batch[0], policy.rationale_texts(tok, rollouts)[0])
 
 
-def update(model, opt, ro, adv, old_logp, ref_logp, args, world):
+def update(model, opt, rollouts, adv, old_logp, ref_logp, args, world):
     """--ppo-epochs passes, one optimizer step per mini-batch (after the first the data is off-policy,
     which is where the clip acts), each accumulated over micro-batches. old_logp None: on-policy.
     A step whose loss or gradient is not finite is skipped. -> mean loss statistics."""
-    seqs, am, cm = ro.sequences, ro.attention_mask, ro.completion_mask
+    sequences, attention, completion = rollouts.sequences, rollouts.attention_mask, rollouts.completion_mask
     rows, micro = args.mini_batch_size * args.group_size, args.micro_batch_size * args.group_size
     stats, skipped, grad_norm = [], 0, float("nan")
     for _ in range(args.ppo_epochs):
-        for start in range(0, len(seqs), rows):
-            mini = slice(start, min(start + rows, len(seqs)))
-            normaliser = loss_normaliser(cm[mini].float(), args.aggregation, args.max_new_tokens)
+        for start in range(0, len(sequences), rows):
+            mini = slice(start, min(start + rows, len(sequences)))
+            normaliser = loss_normaliser(completion[mini].float(), args.aggregation, args.max_new_tokens)
             opt.zero_grad(set_to_none=True)
             finite = True
             for s in range(mini.start, mini.stop, micro):
-                mb = slice(s, min(s + micro, mini.stop))
-                logp = policy.token_logprobs(model, seqs[mb], am[mb], cm[mb], temperature=args.temperature)
-                old = logp.detach() if old_logp is None else old_logp[mb]
-                loss, st = policy_loss(logp, old, None if ref_logp is None else ref_logp[mb], adv[mb], cm[mb],
-                                       clip_eps=args.clip_eps, kl_coef=args.kl_coef, kl_type=args.kl_type,
-                                       aggregation=args.aggregation, max_new_tokens=args.max_new_tokens,
-                                       dual_clip=args.dual_clip, normaliser=normaliser)
+                r = slice(s, min(s + micro, mini.stop))  # this micro-batch's rows
+                logp = policy.token_logprobs(model, sequences[r], attention[r], completion[r],
+                                             temperature=args.temperature)  # (rows, T), with gradient
+                old = logp.detach() if old_logp is None else old_logp[r]
+                loss, loss_stats = policy_loss(logp, old, None if ref_logp is None else ref_logp[r], adv[r],
+                                               completion[r], clip_eps=args.clip_eps, kl_coef=args.kl_coef,
+                                               kl_type=args.kl_type, aggregation=args.aggregation,
+                                               max_new_tokens=args.max_new_tokens, dual_clip=args.dual_clip,
+                                               normaliser=normaliser)
                 finite &= bool(torch.isfinite(loss))
                 loss.backward()
-                stats.append(dict(st, loss=loss.item()))
+                stats.append(dict(loss_stats, loss=loss.item()))
             grad_norm = step_optimizer(model, opt, args, world, finite)
             skipped += not math.isfinite(grad_norm)
     out = {k: sum(x[k] for x in stats) / len(stats) for k in stats[0]}
@@ -267,11 +271,12 @@ def contrastive_step(model, ref, tok, opt, batch, args, generator, world):
     B = len(batch)
     t0 = time.perf_counter()
     texts = [r["query"] for r in batch] + [r["positive"] for r in batch] + [r["negative"] for r in batch]
-    enc = encode(model, tok, texts, args, n=1, temperature=0.0, generator=None)  # rationales: no gradient
+    encoded = encode(model, tok, texts, args, n=1, temperature=0.0, generator=None)  # rationales: no gradient
     t1 = time.perf_counter()
     model.train(args.grad_checkpointing)
-    ro = enc.rollout
-    emb = policy.mean_pool(policy.hidden_states(model, ro.sequences, ro.attention_mask), enc.pool_mask)  # (3B, H)
+    rollouts = encoded.rollout
+    hidden = policy.hidden_states(model, rollouts.sequences, rollouts.attention_mask)  # (3B, T, H), with gradient
+    emb = policy.mean_pool(hidden, encoded.pool_mask)  # (3B, H)
     loss = contrastive_loss(emb[:B], emb[B:2 * B], emb[2 * B:], args.tau)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -279,11 +284,11 @@ def contrastive_step(model, ref, tok, opt, batch, args, generator, world):
     model.eval()
     with torch.no_grad():
         accuracy = ((emb[:B] @ emb[B:].T).argmax(-1) == torch.arange(B, device=emb.device)).float().mean().item()
-    m = dict(loss=loss.item(), accuracy=accuracy, grad_norm=grad_norm, skipped=int(not math.isfinite(grad_norm)),
-             **rationale_stats(enc), prompts_cut=int(enc.prompts_cut.sum()), t_rollout=t1 - t0,
-             t_update=time.perf_counter() - t1, tokens_per_s=ro.completion_mask.sum().item() / (t1 - t0),
-             cos_between_texts=cos_between_texts(enc.embeddings[B:2 * B]))
-    return m, (batch[0], policy.rationale_texts(tok, ro)[B])
+    metrics = dict(loss=loss.item(), accuracy=accuracy, grad_norm=grad_norm, skipped=int(not math.isfinite(grad_norm)),
+                   **rationale_stats(encoded), prompts_cut=int(encoded.prompts_cut.sum()), t_rollout=t1 - t0,
+                   t_update=time.perf_counter() - t1, tokens_per_s=rollouts.completion_mask.sum().item() / (t1 - t0),
+                   cos_between_texts=cos_between_texts(encoded.embeddings[B:2 * B]))
+    return metrics, (batch[0], policy.rationale_texts(tok, rollouts)[B])
 
 
 def encode(model, tok, texts, args, **kw):
@@ -607,6 +612,9 @@ def setup_distributed(args):
         torch.set_num_threads(args.threads)
     if args.offload and not args.fsdp:
         raise UsageError("--offload needs --fsdp")
+    if args.fsdp and args.compile == "on":  # FSDP2's hooks are dynamo-disabled: fullgraph=True cannot trace them
+        print("note: --fsdp samples without torch.compile (--compile off)", file=sys.stderr, flush=True)
+        args.compile = "off"
     if "RANK" not in os.environ:
         if args.fsdp:
             raise UsageError("--fsdp needs torchrun (torchrun --nproc_per_node=N train.py ...; N = 1 works too)")

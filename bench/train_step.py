@@ -1,0 +1,257 @@
+"""One training step (rollout / score / update) on a random-initialised model of a named shape, plain
+against compiled rollouts in the same run; and the per-GPU memory table for the release's batch.
+
+    python bench/train_step.py                                   # CPU: the "small" shape, tiny batch
+    python bench/train_step.py --shape Qwen2.5-1.5B --batch-size 64 --group-size 8 --mini-batch-size 16 \
+        --micro-batch-size 2 --max-new-tokens 2048 --grad-checkpointing          # GPU: a release-shaped step
+    torchrun --nproc_per_node=2 bench/train_step.py [--fsdp] [--gather-bench]  # data parallel / FSDP (gloo on CPU)
+    python bench/train_step.py --memory-table                    # computed, not measured
+
+It drives train.py's own functions (train.parse_args, train.load_models, train.rl_step) on a model
+saved to a temporary folder (AutoModelForCausalLM.from_config: no weights are downloaded), with the
+tiny model's offline tokenizer. Each mode runs one warm-up step (compilation happens there), then
+--steps timed steps; the table shows their mean. Peak memory: GPU max allocated per mode on CUDA; on
+CPU the process's peak RSS, which only grows (the second mode's number includes the first's).
+--gather-bench (under torchrun with --fsdp): how the sharded model is gathered for a rollout batch,
+once per batch (what fsdp.py does) against per layer at every decode step.
+"""
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+import fsdp  # noqa: E402
+import policy  # noqa: E402
+import rollout  # noqa: E402
+import train  # noqa: E402
+
+# Public config.json values of the real models (architecture only); "small" is the CPU stand-in.
+SHAPES = {
+    "small": dict(model_type="qwen2", hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=None, tie_word_embeddings=True),
+    "Qwen2.5-1.5B": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "Llama-3.2-3B": dict(model_type="llama", hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                         num_attention_heads=24, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
+                         head_dim=128),
+    "Qwen2.5-3B": dict(model_type="qwen2", hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                       num_attention_heads=16, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "Qwen3-4B": dict(model_type="qwen3", hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, vocab_size=151936, tie_word_embeddings=True,
+                     head_dim=128),
+}
+
+
+def config(shape, tokenizer):
+    from transformers import AutoConfig
+
+    kw = dict(SHAPES[shape])
+    kw["vocab_size"] = kw["vocab_size"] or len(tokenizer)
+    return AutoConfig.for_model(kw.pop("model_type"), **kw, max_position_embeddings=8192, attention_dropout=0.0,
+                                bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id)
+
+
+def parameter_count(shape):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config(shape, policy.build_tiny_tokenizer()))
+    head = model.get_output_embeddings().weight
+    return sum(p.numel() for p in model.parameters()), head.numel()  # (tied: counted once)
+
+
+# ----------------------------------------------------------------------------- the timed step
+
+def save_random_model(shape, folder):
+    from transformers import AutoModelForCausalLM
+
+    tok = policy.build_tiny_tokenizer()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config(shape, tok))
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+def one_mode(folder, compile, opts, rank, world, steps):
+    args, _ = train.parse_args(["--model", folder, "--compile", compile, *opts])
+    if world > 1:
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}" if args.device.startswith("cuda") else args.device
+    model, tok, ref = train.load_models(args, None)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    records = data.load_records(policy.SAMPLE_DATA, "supervised")
+    local = args.batch_size // world
+    batch = [records[i % len(records)] for i in range(rank * local, (rank + 1) * local)]
+    gen = torch.Generator(device=args.device).manual_seed(rank)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    runs = [train.rl_step(model, ref, tok, opt, batch, args, gen, world)[0] for _ in range(steps + 1)][1:]
+    m = {k: statistics.mean(r[k] for r in runs) for k in ("t_rollout", "t_score", "t_update", "tokens_per_s")}
+    m["peak_mb"] = train.peak_memory_mb()
+    if world > 1:
+        m = train.average_over_ranks(m, world)
+    return m, model, tok, args
+
+
+def gather_bench(model, tok, args, world, new=16, repeats=3):
+    """Seconds per rollout batch of `new` tokens: gathered once (fsdp.py) vs per layer every step."""
+    ids, mask, _ = policy.build_prompts(tok, ["a short text"] * 8)
+    ids, mask = ids.to(args.device), mask.to(args.device)
+
+    def timed():
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            rollout.sample(model, ids, mask, new, temperature=0.0, eos_token_id=None)  # no EOS: same steps on all ranks
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    once = timed()
+    gathers = []
+    for _ in range(repeats):  # the price of gathering once: one all-gather of every unit
+        fsdp.reshard(model)
+        t = time.perf_counter()
+        fsdp._switch(model, gathered=True)
+        gathers.append(time.perf_counter() - t)
+    switch, fsdp._switch = fsdp._switch, lambda *a, **k: None  # every unit gathers and frees itself per forward
+    fsdp.reshard(model)
+    for unit in fsdp.units(model):
+        unit.set_reshard_after_forward(True, recurse=False)
+    try:
+        per_step = timed()
+    finally:
+        fsdp._switch = switch
+        fsdp.reshard(model)
+    return once, per_step, statistics.median(gathers)
+
+
+def bench(a):
+    rank, world = 0, 1
+    opts = ["--batch-size", str(a.batch_size), "--group-size", str(a.group_size), "--mini-batch-size",
+            str(a.mini_batch_size), "--max-new-tokens", str(a.max_new_tokens), "--max-prompt-tokens", "512",
+            "--no-length-penalty", "--lr", "1e-6", "--threads", str(a.threads)]
+    opts += ["--micro-batch-size", str(a.micro_batch_size)] if a.micro_batch_size else []
+    opts += ["--grad-checkpointing"] if a.grad_checkpointing else []
+    opts += ["--fsdp"] if a.fsdp else []
+    opts += ["--offload"] if a.offload else []
+    if "RANK" in os.environ:
+        rank, world = train.setup_distributed(train.parse_args(["--threads", str(a.threads)])[0])
+    with tempfile.TemporaryDirectory() as folder:
+        if rank == 0:
+            save_random_model(a.shape, folder)
+        if world > 1:  # one folder for all ranks: rank 0's
+            names = [folder]
+            torch.distributed.broadcast_object_list(names)
+            folder = names[0]
+            torch.distributed.barrier()
+        rows = {}
+        for mode in ["off"] if a.fsdp else a.compile.split(","):  # --fsdp samples uncompiled (see train.py)
+            rows[mode], model, tok, args = one_mode(folder, mode, opts, rank, world, a.steps)
+        gathered = gather_bench(model, tok, args, world) if a.gather_bench and a.fsdp else None
+        if world > 1:
+            torch.distributed.barrier()
+    if rank:
+        return
+    print(f"shape {a.shape}, {world} process(es){' FSDP' if a.fsdp else ''}{' offload' if a.offload else ''} on "
+          f"{args.device}; {a.batch_size} texts x G={a.group_size}, {a.max_new_tokens} new tokens, mean of {a.steps}")
+    print(f"{'rollouts':>9} {'rollout s':>9} {'score s':>8} {'update s':>9} {'step s':>8} {'tok/s':>8} {'peak MB':>8}")
+    for mode, m in rows.items():
+        step = m["t_rollout"] + m["t_score"] + m["t_update"]
+        print(f"{'compiled' if mode == 'on' else 'plain':>9} {m['t_rollout']:9.3f} {m['t_score']:8.3f} "
+              f"{m['t_update']:9.3f} {step:8.3f} {m['tokens_per_s']:8.1f} {m['peak_mb']:8.0f}")
+    if {"on", "off"} <= set(rows):
+        print(f"compiled / plain rollout tokens/s: {rows['on']['tokens_per_s'] / rows['off']['tokens_per_s']:.2f}x")
+    if gathered:
+        print(f"rollout of 8 rows x 16 tokens: gathered once {gathered[0]:.3f} s, per layer per step "
+              f"{gathered[1]:.3f} s ({gathered[1] / gathered[0]:.2f}x); the one gather itself {gathered[2] * 1e3:.1f} ms")
+
+
+# ----------------------------------------------------------------------------- the memory table
+
+GPU_GB, HEADROOM_GB = 80, 8  # what a job can use: 80 GB less CUDA context, NCCL buffers, fragmentation
+PROMPT, NEW, PROMPTS, G, MICRO_PROMPTS = 512, 2048, 64, 8, 2  # the release's batch; 2 prompts per forward
+
+
+def memory_gb(shape, mode, n):
+    """Peak GB per GPU = max(rollout phase, update phase) for mode plain | fsdp | offload over n GPUs.
+    Bytes per parameter: fp32 weights 4, grads 4 (kept from the step through the next rollouts:
+    zero_grad comes at the next update), AdamW 8 -> 16, all on the GPU (plain), / n (fsdp), on the
+    host (offload). The bf16 reference: 2, replicated (what train.py does). FSDP rollouts hold one
+    gathered fp32 copy (4), scoring/updates the root unit (embeddings+head) and two gathered layers.
+    KV cache (bf16) for this rank's 64 x 8 / n main rollouts of 512 + 2048 tokens; activations with
+    gradient checkpointing for a micro-batch of 2 prompts x 8 = 16 rows x 2560 tokens: each layer's
+    fp32 input (L x tokens x H x 4), one layer's recompute (tokens x (4H + 3I) x 2 bytes), the fp32
+    last hidden states, and fp32 logits for 1024 scored tokens (x3: logits, log-softmax, grad)."""
+    c = SHAPES[shape]
+    P, head = parameter_count(shape)
+    L, H, I, V = c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    head_dim = c.get("head_dim", H // c["num_attention_heads"])
+    tokens = PROMPT + NEW
+    kv = (PROMPTS * G / n) * tokens * L * 2 * c["num_key_value_heads"] * head_dim * 2
+    micro = MICRO_PROMPTS * G * tokens
+    act = micro * (L * H * 4 + (4 * H + 3 * I) * 2 + H * 4) + 1024 * V * 4 * 3
+    layer = (P - head) / L
+    states = {"plain": 16 * P, "fsdp": 16 * P / n, "offload": 0}[mode]
+    gathered_rollout = 0 if mode == "plain" else 4 * P
+    gathered_update = 0 if mode == "plain" else 4 * (head + 2 * layer)
+    ref = 2 * P
+    rollout_phase = states + gathered_rollout + ref + kv
+    update_phase = states + gathered_update + ref + act
+    return max(rollout_phase, update_phase) / 1e9, P
+
+
+def memory_table():
+    print(f"Per-GPU peak, GB (computed, not measured): {PROMPTS} prompts x G={G}, {NEW}-token rationales after "
+          f"{PROMPT}-token prompts, micro-batches of {MICRO_PROMPTS} prompts, gradient checkpointing; "
+          f"fits = at most {GPU_GB - HEADROOM_GB} of {GPU_GB} GB.\n")
+    runs = [(mode, n) for mode in ("plain", "fsdp", "offload") for n in (1, 4, 8)]
+    print("| model | params | " + " | ".join(f"{m} x{n}" for m, n in runs) + " |")
+    print("|---|---|" + "---|" * len(runs))
+    for shape in [s for s in SHAPES if s != "small"]:
+        cells = []
+        for mode, n in runs:
+            gb, P = memory_gb(shape, mode, n)
+            cells.append(f"{gb:.0f} {'fits' if gb <= GPU_GB - HEADROOM_GB else 'no'}")
+        print(f"| {shape} | {P / 1e9:.2f}B | " + " | ".join(cells) + " |")
+    print("\nBytes/param resident per GPU: plain 16 + 2 (bf16 ref); FSDP 16/N + 2, +4 while rollouts hold the "
+          "gathered copy; offload 0 + 2, +4 gathered (the 16 live in host RAM: 16/N per rank).")
+    print("plain x N is the hand data-parallel path: full states on every GPU, KV cache for rows / N.")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="small", choices=list(SHAPES))
+    p.add_argument("--compile", default="off,on", help="rollout modes to run, in order: off, on or off,on")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--group-size", type=int, default=4)
+    p.add_argument("--mini-batch-size", type=int, default=None, help="default: the batch per rank")
+    p.add_argument("--micro-batch-size", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--fsdp", action="store_true")
+    p.add_argument("--offload", action="store_true")
+    p.add_argument("--gather-bench", action="store_true", help="with --fsdp: time the two ways to gather for rollouts")
+    p.add_argument("--memory-table", action="store_true")
+    a = p.parse_args(argv)
+    if a.memory_table:
+        return memory_table()
+    a.mini_batch_size = a.mini_batch_size or a.batch_size // int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        bench(a)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

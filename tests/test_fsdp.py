@@ -1,0 +1,80 @@
+"""fsdp.py through train.py: FSDP2 over 2 gloo processes trains exactly as the hand data-parallel path,
+resumes exactly, and saves plain from_pretrained folders.
+
+The reference is the 2-process run *without* --fsdp, not a 1-process run: each rank samples its own
+groups (seed + rank) and takes its token-mean over its own rows before gradients are averaged
+(train.py's deviation 4), so 1 process on the same batch sees other rollouts and another
+normalisation. Both 2-process paths roll out the same tokens from the same weights and average the
+same per-rank gradients (all-reduce / 2 there, reduce-scatter's average here): fp32 tolerance, and
+on gloo with 2 ranks they agree bit for bit. The hand path is what DDP would compute (ranks start
+from the same weights and take the same steps).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.distributed.fsdp import fully_shard  # noqa: F401  (the import itself is the support check)
+
+import policy
+import train
+from conftest import ROOT
+
+# --no-length-penalty: with 6-token rationales every rollout is cut, gets the same -1 and zero advantage
+FAST = ["--batch-size", "4", "--group-size", "2", "--mini-batch-size", "2", "--max-new-tokens", "6",
+        "--max-prompt-tokens", "256", "--log-rationales", "0", "--save-every", "2", "--no-length-penalty"]
+
+
+def torchrun(*args, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "train.py"), *FAST, *args]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def weights(path):
+    return policy.load(str(path))[0].state_dict()
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_fsdp_matches_the_hand_data_parallel_path_and_saves_plain_folders(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    torchrun("--steps", "2", "--out", str(tmp_path / "ddp"))
+    torchrun("--steps", "2", "--out", str(tmp_path / "fsdp"), "--fsdp")
+    ddp, sharded = weights(tmp_path / "ddp" / "step-2"), weights(tmp_path / "fsdp" / "step-2")
+    assert max_diff(ddp, sharded) < 1e-6
+    assert max_diff(ddp, policy.load("tiny")[0].state_dict()) > 1e-4  # it did train
+    for folder in ("step-2", "final"):  # plain folders, tied embeddings stored once
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / folder)
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+        assert max_diff(model.state_dict(), sharded) == 0
+    state = torch.load(tmp_path / "fsdp" / "step-2" / "trainer_state.pt", weights_only=False)
+    assert state["optimizer"]["state"]  # the full AdamW state, gathered to rank 0
+
+
+def test_fsdp_resumes_exactly_and_offload_computes_the_same(tmp_path):
+    torchrun("--steps", "4", "--out", str(tmp_path / "straight"), "--fsdp")
+    torchrun("--steps", "2", "--out", str(tmp_path / "cut"), "--fsdp", "--offload")
+    torchrun("--steps", "4", "--out", str(tmp_path / "cut"), "--fsdp", "--resume")
+    assert max_diff(weights(tmp_path / "straight" / "step-4"), weights(tmp_path / "cut" / "step-4")) == 0
+    rows = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("straight", "cut")]
+    same = [[(r["step"], r["reward"], r["loss"]) for r in run] for run in rows]
+    assert same[0] == same[1] and len(same[0]) == 4
+
+
+def test_fsdp_flags_need_torchrun_and_each_other(tmp_path):
+    for flags, message in ((["--fsdp"], "--fsdp needs torchrun"), (["--offload"], "--offload needs --fsdp")):
+        with pytest.raises(SystemExit) as e:
+            train.main([*FAST, "--steps", "1", "--out", str(tmp_path / "x"), *flags])
+        assert e.value.code == 2
+    assert not (tmp_path / "x").exists()
