@@ -39,17 +39,17 @@ bf16 (it never steps). CPU runs are float32 throughout.
 Reading order: the math (pure functions), one step (a staged pipeline), the loop, then plumbing
 (distributed setup, resume, checkpoints, the CLI) at the bottom.
 """
+import os
 import signal
 import sys
 
-if __name__ == "__main__":  # Ctrl-C while torch is still importing: exit quietly, not with a traceback
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+if __name__ == "__main__":  # Ctrl-C before the loop (imports, loading): exit at once, quietly. An exception
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))  # would be re-wrapped by lazy imports as a traceback
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import os  # noqa: E402
 import random  # noqa: E402
 import resource  # noqa: E402
 import time  # noqa: E402
