@@ -215,7 +215,8 @@ def test_cli_bad_input_one_line_nonzero(argv, message, tmp_path, capsys):
     _bad_jsonl(tmp_path)
     (tmp_path / "broken.jsonl").write_text('{"sentence1": "a",\n')
     (tmp_path / "empty.txt").write_text("\n  \n")
-    rc = evaluate.main([a.replace("{tmp}", str(tmp_path)) for a in argv] + ["--max-new-tokens", "2"])
+    rc = evaluate.main([a.replace("{tmp}", str(tmp_path)) for a in argv] + ["--max-new-tokens", "2",
+                                                                            "--out", str(tmp_path / "results")])
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]  # anything before it is mteb's logging, not ours
     assert rc != 0 and "Traceback" not in err

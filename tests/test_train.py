@@ -197,7 +197,7 @@ def test_bad_data_gives_one_clear_line(tmp_path, content, message):
 
 
 def test_bad_paths_and_resume_and_existing_runs(tmp_path):
-    res = run_cli("--data", str(tmp_path / "missing.jsonl"))
+    res = run_cli("--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o"))
     assert res.returncode == 2 and "missing.jsonl: no such file" in res.stderr and "Traceback" not in res.stderr
     res = run_cli(*FAST, "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "o"))
     assert res.returncode == 2 and "no-model" in res.stderr and "Traceback" not in res.stderr
