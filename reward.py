@@ -110,13 +110,19 @@ def cross_group_unsupervised(query, main, group_size):
 
 # ----------------------------------------------------------------------------- the rewards
 
-def _finish(total, parts, truncated, length_penalty):
-    """r_i = -1 for rollouts that hit the length limit without EOS (not divided by tau).
+def _finish(total, parts, truncated, length_penalty, below_all=False):
+    """r_i = -1 for rollouts that hit the length limit without EOS (not divided by tau), as released.
+    below_all: r_i = min(-1, lowest reward of a finished rollout - 1) instead, for rewards that sit
+    below -1 themselves (InfoNCE's log-probabilities), where a fixed -1 would reward truncation.
     The parts keep the terms' values on those rows (for logging); only the total is replaced."""
     if truncated is not None:
         parts["truncated"] = truncated.float()
         if length_penalty:
-            total = torch.where(truncated.bool(), torch.full_like(total, -1.0), total)
+            cut = truncated.bool()
+            penalty = torch.tensor(-1.0, device=total.device)
+            if below_all and not cut.all():
+                penalty = torch.minimum(penalty, total[~cut].min().detach() - 1)
+            total = torch.where(cut, penalty, total)
     return total, parts
 
 
@@ -163,7 +169,9 @@ def infonce_rewards(query, main, negative, group_size, *, temperature=0.1, trunc
 
     r_i = cos(m_i, q_g(i))/tau - logsumexp_c cos(m_i, c)/tau, over the candidates c = every group's
     query and (when given) every group's negative: the log-probability that main_i picks out its own
-    query. r_i <= 0; with one group and no negative it is exactly 0 (one candidate).
+    query. r_i <= 0; with one group and no negative it is exactly 0 (one candidate). A truncated
+    rollout gets min(-1, the lowest finished reward - 1): these rewards sit below -1 (chance is
+    -log C), so the release's fixed -1 would be a bonus and the policy would learn never to stop.
     parts: positive (the first term), logsumexp (the second, subtracted), truncated; both scaled by 1/tau.
     negative=None gives the unsupervised variant (candidates are the queries only).
     It has no scale switch (the softmax always uses tau) and no weights: passing them is a TypeError.
@@ -178,7 +186,7 @@ def infonce_rewards(query, main, negative, group_size, *, temperature=0.1, trunc
         "positive": logits.gather(1, own[:, None]).squeeze(1),
         "logsumexp": logits.logsumexp(-1),
     }
-    return _finish(parts["positive"] - parts["logsumexp"], parts, truncated, length_penalty)
+    return _finish(parts["positive"] - parts["logsumexp"], parts, truncated, length_penalty, below_all=True)
 
 
 # ----------------------------------------------------------------------------- the table train.py chooses from

@@ -150,14 +150,28 @@ def test_negative_equal_to_query_lowers_the_group_by_one_over_tau():
 def test_truncated_rows_get_exactly_minus_one():
     q, m, n = layout(2, 4)
     truncated = torch.tensor([True, False, False, True, False, False, False, True])
-    for fn, args in ((reward.grace_rewards, (q, m, n)), (reward.unsupervised_rewards, (q, m)),
-                     (reward.infonce_rewards, (q, m, n))):
+    for fn, args in ((reward.grace_rewards, (q, m, n)), (reward.unsupervised_rewards, (q, m))):
         r, parts = fn(*[a.float() for a in args], 4, truncated=truncated)
         assert (r[truncated] == -1.0).all()
         assert (r[~truncated] != -1.0).all()
         assert torch.equal(parts["truncated"], truncated.float())
         r_off, _ = fn(*[a.float() for a in args], 4, truncated=truncated, length_penalty=False)
         assert (r_off[truncated] != -1.0).all()
+
+
+def test_infonce_truncation_never_pays():
+    """InfoNCE rewards are log-probabilities, below -1 at chance (-log C): a fixed -1 for a truncated
+    rollout would be a bonus. It gets min(-1, lowest finished reward - 1) instead, computed by hand here."""
+    q, m, n = layout(2, 4)
+    truncated = torch.tensor([True, False, False, True, False, False, False, True])
+    free, _ = reward.infonce_rewards(q.float(), m.float(), n.float(), 4)  # without the penalty
+    assert (free < -1).any()  # the case that matters: rewards below the release's -1
+    r, _ = reward.infonce_rewards(q.float(), m.float(), n.float(), 4, truncated=truncated)
+    expected = min(-1.0, free[~truncated].min().item() - 1)
+    assert torch.allclose(r[truncated], torch.full((3,), expected))
+    assert torch.equal(r[~truncated], free[~truncated]) and (r[truncated] < r[~truncated].min()).all()
+    everything_cut, _ = reward.infonce_rewards(q.float(), m.float(), n.float(), 4, truncated=torch.ones(8, dtype=torch.bool))
+    assert (everything_cut == -1.0).all()
 
 
 def test_which_terms_vary_within_a_group():
