@@ -73,8 +73,8 @@ PRESETS = {
     "release": dict(batch_size=64, group_size=8, mini_batch_size=16, max_new_tokens=2048, lr=1e-6, epochs=2),
     # The random 0.3M demo model: nothing moves at lr 1e-6 in 20 steps, so 3e-4.
     "tiny": dict(batch_size=8, group_size=4, mini_batch_size=4, max_new_tokens=24, lr=3e-4, steps=20),
-    # The small LM of pretrain.py: a 10-minute CPU run (see README, "Watch it learn").
-    "tiny-lm": dict(batch_size=16, group_size=4, mini_batch_size=16, max_new_tokens=32, lr=1e-4, steps=150),
+    # The small LM of pretrain.py: bench/learning.py's setting, 30 steps in ~1.5 min (README, "Watch it learn").
+    "tiny-lm": dict(batch_size=16, group_size=4, mini_batch_size=16, max_new_tokens=32, lr=1e-4, steps=30),
 }
 MAX_NONFINITE_IN_ROW = 3
 
