@@ -330,13 +330,9 @@ def parse_args(argv=None):
         p.error("--system-prompt is empty")
     if args.device:
         try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            p.error(f"--device {args.device!r} is not a device (cpu, cuda, cuda:N)")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            p.error(f"--device {args.device}: no CUDA GPU available to this torch {torch.__version__}")
-        if device.type not in ("cpu", "cuda"):
-            p.error(f"--device {args.device}: only cpu and cuda are supported")
+            policy.check_device(args.device)
+        except ValueError as err:
+            p.error(f"--device {err}")
     if args.explain and any(not t.strip() for t in args.explain):
         p.error("--explain: a text is empty or whitespace only")
     args.model = (args.model or ["tiny"]) + ([args.baseline] if args.baseline else [])

@@ -82,6 +82,18 @@ def _from_pretrained(name):
     return model, tokenizer
 
 
+def check_device(name):
+    """ValueError (one line) unless `name` is a device this machine has: cpu, cuda or cuda:N."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{name!r} is not a device (cpu, cuda, cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name}: this torch build or machine has no CUDA GPU; use --device cpu")
+
+
 def stop_token_ids(model, tokenizer):
     """The ids that end a rationale: generation_config's (chat models list several, e.g. Qwen's
     <|im_end|> and <|endoftext|>), else the tokenizer's EOS."""

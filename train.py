@@ -801,7 +801,10 @@ def parse_args(argv=None):
             p.error(f"--{k.replace('_', '-')} must be a finite number, got {v}")
         if not low <= v <= high:
             p.error(f"--{k.replace('_', '-')} must be in [{low}, {high}], got {v}")
-    check_device(p, args)
+    try:
+        policy.check_device(args.device)
+    except ValueError as e:
+        p.error(f"--device {e}")
     if args.reward != "release":
         wrong = [f"--{k.replace('_', '-')}" for k in ("no_scale", "clustering_weight", "cross_group_weight") if k in given]
         if wrong:
@@ -824,17 +827,6 @@ def default_preset(model):
         except (OSError, json.JSONDecodeError):
             return "release"
     return model if model in PRESETS else "release"
-
-
-def check_device(p, args):
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        p.error(f"--device {args.device!r} is not a device (cpu, cuda, cuda:N)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: this torch build or machine has no CUDA GPU; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        p.error(f"--device {args.device}: only cpu and cuda are supported")
 
 
 def main(argv=None):
