@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import data
 import policy
 
 ROOT = Path(__file__).resolve().parent
@@ -77,7 +78,7 @@ def read_lines(data_dir, max_lines=0):
     """Unique non-empty lines of the WordNet files, in file order (duplicates would leak into held-out)."""
     seen, lines = set(), []
     for name in CORPUS_FILES:
-        for line in (Path(data_dir) / name).read_text(encoding="utf-8").splitlines():
+        for _, line in data.read_lines(Path(data_dir) / name):  # the project's one line reader
             line = line.strip()
             if line and line not in seen:
                 seen.add(line)

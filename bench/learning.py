@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+import data  # noqa: E402
 import evaluate  # noqa: E402
 import policy  # noqa: E402
 import train  # noqa: E402
@@ -52,7 +53,7 @@ ABLATION = {"release + std": ["--scale-adv-by-std"]}
 
 def heldout_lines(n):
     """The last n lines of wordnet_examples.txt that tiny-lm did not train on (pretrain.py's default split)."""
-    lines = [x.strip() for x in WORDNET.read_text(encoding="utf-8").splitlines() if x.strip()]
+    lines = [x.strip() for _, x in data.read_lines(WORDNET) if x.strip()]
     try:
         import pretrain
         held = set(pretrain.split_lines(pretrain.read_lines(WORDNET.parent), 2000, 0)[1])
