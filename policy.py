@@ -118,14 +118,15 @@ PROMPT_BUCKET = 64  # compiled sampling: prompts are padded to a multiple of thi
 @torch.no_grad()
 def encode(model, tokenizer, texts, *, n=1, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0,
            system_prompt=DEFAULT_SYSTEM_PROMPT, max_length=1024, rationale=True, generator=None,
-           compile=False, chunk_rows=None, logprob_temperature=None):
+           compile=False, chunk_rows=None, sample_rows=None, logprob_temperature=None):
     """texts -> n rationales each -> Encoded: the rollouts and their pooled embeddings.
 
     The one definition of a GRACE embedding: training rewards it, the in-training STS check and
     evaluate.py score it. temperature 0 is greedy (evaluation's default); training samples its main
     rollouts at 1.0. rationale=False pools the prompt alone (the no-rationale baseline).
     compile: the static-cache, torch.compile'd sampler (rollout.sample), with prompt widths bucketed.
-    chunk_rows bounds the rows of one embedding forward (activation memory on big models).
+    chunk_rows bounds the rows of one embedding forward (activation memory on big models), sample_rows
+    the rows sampled at once (the KV cache: rows x (prompt + max_new_tokens) positions in every layer).
     logprob_temperature: also score the rationale tokens under logits / T from the same hidden states
     (one forward instead of two: training's old log-probs).
     """
@@ -134,10 +135,14 @@ def encode(model, tokenizer, texts, *, n=1, max_new_tokens=256, temperature=0.0,
                                           pad_to=PROMPT_BUCKET if compile else 1)
     ids, mask, start = (x.repeat_interleave(n, 0).to(device) for x in (ids, mask, start))  # (B*n, P)
     if rationale:
+        step = sample_rows or len(ids)
         with autocast(device):  # bf16 on GPU, as the scoring forwards that follow
-            ro = rollout.sample(model, ids, mask, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                eos_token_id=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
-                                generator=generator, compile=compile)
+            ro = rollout.concat([rollout.sample(model, ids[s:s + step], mask[s:s + step], max_new_tokens,
+                                                temperature=temperature, top_p=top_p, top_k=top_k,
+                                                eos_token_id=stop_token_ids(model, tokenizer),
+                                                pad_token_id=tokenizer.pad_token_id, generator=generator,
+                                                compile=compile)
+                                 for s in range(0, len(ids), step)], tokenizer.pad_token_id)
     else:
         ro = rollout.Rollout(ids, mask, torch.zeros_like(mask), torch.zeros(len(ids), dtype=torch.bool, device=device))
     pool = pool_mask_from(ro.attention_mask, start)  # text + rationale: no system prompt, no padding

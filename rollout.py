@@ -17,9 +17,18 @@ Two ways through the same loop:
   CUDA in "reduce-overhead" mode, i.e. CUDA graphs; on CPU the linear layers also run through
   oneDNN, see `onednn_linears`). The plain path is the one to read first.
 
+What a compiled GPU decode step should cost: one read of the weights (2 bytes/parameter in bf16),
+the bandwidth floor bench/rollout.py measures against. Two things kept it far above that:
+- autocast over fp32 master weights (train.py on GPU): a compiled graph has no autocast cache, so
+  it re-cast every weight at every step (read 4 + write 2 + read 2 bytes/parameter). The compiled
+  path samples from `low_precision_copy(model)` instead, refreshed from the master at each call.
+- a host sync per step to ask whether every row has finished: the CPU waits for the GPU and the
+  GPU then idles while the next step is launched. On GPU the loop asks every 16 steps.
+
 The caller should put the model in eval mode (dropout off); `sample` leaves train/eval alone.
 """
 from contextlib import contextmanager
+import copy
 from dataclasses import dataclass
 import types
 import weakref
@@ -34,6 +43,17 @@ class Rollout:
     attention_mask: torch.Tensor  # (B, P+T) 1 on real prompt tokens and on completion tokens up to EOS
     completion_mask: torch.Tensor  # (B, P+T) 1 on generated tokens up to and including EOS
     truncated: torch.Tensor  # (B,) bool: reached max_new_tokens without EOS
+
+
+def concat(rollouts, pad_token_id=0):
+    """Rollouts of the same prompts' width, sampled in chunks of rows, as one: each is right-padded to
+    the longest completion (pad tokens, masks 0), then rows are stacked in order."""
+    width = max(r.sequences.size(1) for r in rollouts)
+    pad = lambda x, value: torch.nn.functional.pad(x, (0, width - x.size(1)), value=value)  # noqa: E731
+    return Rollout(sequences=torch.cat([pad(r.sequences, pad_token_id) for r in rollouts]),
+                   attention_mask=torch.cat([pad(r.attention_mask, 0) for r in rollouts]),
+                   completion_mask=torch.cat([pad(r.completion_mask, 0) for r in rollouts]),
+                   truncated=torch.cat([r.truncated for r in rollouts]))
 
 
 # ----------------------------------------------------------------------------- sampling (pure)
@@ -79,7 +99,8 @@ def next_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 # tensors cannot be saved for backward (the embedding lookup saves its indices).
 @torch.no_grad()
 def sample(model, input_ids, attention_mask, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-           eos_token_id=None, pad_token_id=0, generator=None, *, static_cache=False, compile=False):
+           eos_token_id=None, pad_token_id=0, generator=None, *, static_cache=False, compile=False,
+           check_every=None):
     """Sample up to `max_new_tokens` tokens per row after left-padded prompts (B, P). -> Rollout.
 
     eos_token_id: an int, a list of ints (chat models end turns with several), or None (never stop
@@ -88,9 +109,15 @@ def sample(model, input_ids, attention_mask, max_new_tokens, temperature=1.0, to
     tokens for the same seed, up to float rounding (attention over the padded static cache, oneDNN's
     summation order), which can flip a near-tie between two tokens. The compiled step is specialised
     to its shapes: each new (batch, prompt length + max_new_tokens) compiles again, so pad prompts
-    to a few fixed lengths before a long run on this path.
+    to a few fixed lengths before a long run on this path. Under autocast the compiled path samples
+    from `low_precision_copy(model)`, which computes the same numbers (see `sampling_model`).
+    check_every: decode steps between checks that every row has finished (each check is a host sync).
+    None: 1 on CPU, where a sync costs nothing; 16 on GPU. Steps run after the last EOS are cut off:
+    the result is the same, only the generator has drawn for them.
     """
     static_cache = static_cache or compile
+    model = sampling_model(model, compile)
+    check_every = check_every or (1 if input_ids.device.type == "cpu" else 16)
     B, P = input_ids.shape
     device = input_ids.device
     eos = torch.tensor([] if eos_token_id is None else
@@ -122,18 +149,16 @@ def sample(model, input_ids, attention_mask, max_new_tokens, temperature=1.0, to
         position = attention_mask.long().sum(-1, keepdim=True)  # (B, 1) next token's position
 
         finished = torch.zeros(B, dtype=torch.bool, device=device)
-        T = 0
         for t in range(max_new_tokens):
             token = next_token(logits, temperature, top_k, top_p, generator)  # (B,)
             token = token.masked_fill(finished, pad_token_id)
             seqs[:, P + t], alive[:, P + t] = token, ~finished
             mask[:, P + t] = (~finished).to(mask.dtype)  # EOS itself stays visible; what follows is not
             finished = finished | torch.isin(token, eos)
-            T = t + 1
-            # One host sync a step; cheap next to a forward, and it lets the batch stop early.
-            if T == max_new_tokens or bool(finished.all()):
+            # The host sync that lets the batch stop early, every check_every steps.
+            if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(finished.all())):
                 break
-            step_mask = mask if static_cache else mask[:, :P + T]  # plain: mask grows with the cache
+            step_mask = mask if static_cache else mask[:, :P + t + 1]  # plain: mask grows with the cache
             if compile and device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
             out = forward(input_ids=token[:, None], attention_mask=step_mask, position_ids=position,
@@ -141,6 +166,8 @@ def sample(model, input_ids, attention_mask, max_new_tokens, temperature=1.0, to
             logits = out.logits[:, -1]  # (B, V); used before the next step (CUDA graphs reuse the buffer)
             position = position + 1
 
+    # Generated length: up to the last step any row was still alive (its EOS), or max_new_tokens.
+    T = int((torch.arange(1, max_new_tokens + 1, device=device) * alive[:, P:].any(0)).max()) if max_new_tokens else 0
     return Rollout(sequences=seqs[:, :P + T], attention_mask=mask[:, :P + T],
                    completion_mask=alive[:, :P + T].to(mask.dtype), truncated=~finished)
 
@@ -165,6 +192,94 @@ def _decode_forward(model, compile):
         _compiled[model] = torch.compile(model, mode="reduce-overhead" if cuda else "default",
                                          fullgraph=True, dynamic=False)
     return _compiled[model]
+
+
+# ----------------------------------------------------------------------------- the model a compiled step runs
+
+def sampling_model(model, compile):
+    """The module to sample from: `model` on the plain path; on the compiled path its `decode_copy`,
+    made once per model and refreshed at every call (the master changes between calls, never within).
+
+    Two things the compiled decode step would otherwise do at every token, that eager code does not:
+    - under autocast (fp32 master weights, bf16 compute: train.py on GPU) re-cast every Linear weight.
+      Eager autocast caches the casts of parameters for the call; a compiled graph has no such cache.
+      The copy keeps those weights in the autocast dtype (2 bytes per Linear parameter, kept).
+    - with grouped key/value heads, expand the KV cache G-fold (transformers' repeat_kv) in every
+      layer; eager transformers attends on the key/value heads directly. `packed_gqa_attention` does
+      that inside the graph too.
+    The copy computes the same numbers as the master (autocast rounds the same weights the same way).
+    """
+    if not compile:
+        return model
+    device = next(model.parameters()).device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    if model not in _copies or _copies[model][0] != dtype:
+        _copies[model] = (dtype, *decode_copy(model, dtype))
+    _, low, pairs = _copies[model]
+    with torch.no_grad():
+        for copy_linear, master in pairs:
+            copy_linear.weight.copy_(master.weight)
+            if copy_linear.bias is not None:
+                copy_linear.bias.copy_(master.bias)
+    return low
+
+
+_copies = weakref.WeakKeyDictionary()  # model -> (autocast dtype, its decode copy, [(copy's Linear, master's Linear)])
+
+
+def decode_copy(model, dtype=None):
+    """A copy of `model`'s modules for compiled decoding -> (copy, [(copy's Linear, master's Linear)]).
+
+    Every parameter and buffer is the master's own tensor, shared, not copied, except with `dtype`
+    (the autocast dtype): then each fp32 nn.Linear's weight and bias get their own `dtype` copy (no
+    gradient), which the pairs say where to refresh from. A tied output head gets its own copy; the
+    embedding stays shared. The copy's config (its own) selects `packed_gqa_attention` when the
+    master uses sdpa.
+    """
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    low = copy.deepcopy(model, memo=shared)  # modules and config copied; tensors found in `shared` are not
+    masters = dict(model.named_modules())
+    pairs = []
+    for name, m in low.named_modules():
+        if dtype is not None and type(m) is torch.nn.Linear and m.weight.dtype == torch.float32:
+            m.weight = torch.nn.Parameter(m.weight.detach().to(dtype), requires_grad=False)
+            if m.bias is not None:
+                m.bias = torch.nn.Parameter(m.bias.detach().to(dtype), requires_grad=False)
+            pairs.append((m, masters[name]))
+    if getattr(low.config, "_attn_implementation", None) == "sdpa":
+        low.config._attn_implementation = "grace_packed_gqa"  # the copy's config only
+    return low.eval(), pairs
+
+
+def packed_gqa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' sdpa attention, with one query token per row run on the key/value heads.
+
+    query (B, H, 1, D), key/value (B, KV, L, D), H = G x KV: the G query heads that share a key/value
+    head become G queries of it, (B, KV, G, D); the padding mask (B, 1, 1, L) broadcasts over them.
+    Anything else (prompts, no grouping, position biases) goes to transformers' own function.
+    -> (B, 1, H, D), None, as transformers expects.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    G = getattr(module, "num_key_value_groups", 1)
+    B, H, q, D = query.shape
+    if q != 1 or G == 1 or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    out = torch.nn.functional.scaled_dot_product_attention(query.reshape(B, H // G, G, D), key, value,
+                                                           attn_mask=attention_mask, scale=scaling)  # (B, KV, G, D)
+    return out.reshape(B, H, 1, D).transpose(1, 2).contiguous(), None
+
+
+def _register_attention():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register("grace_packed_gqa", packed_gqa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("grace_packed_gqa", sdpa_mask)  # the masks sdpa takes
+
+
+_register_attention()
 
 
 # ----------------------------------------------------------------------------- CPU scaffolding for the compiled path
@@ -199,7 +314,8 @@ def onednn_linears(model, enabled=True):
     Same weights, same math, rounded differently; restored on exit, so training is untouched.
     Modules whose forward someone else already replaced (hooks, adapters) are left alone."""
     linears = []
-    if enabled and torch.backends.mkldnn.is_available():  # the plain path walks no modules at all
+    # the plain path walks no modules at all; under autocast the custom op would get mixed dtypes
+    if enabled and torch.backends.mkldnn.is_available() and not torch.is_autocast_enabled("cpu"):
         linears = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in vars(m)
                    and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
     for m in linears:

@@ -295,7 +295,8 @@ def encode(model, tok, texts, args, **kw):
     """policy.encode with this run's rollout settings (prompt limit, length, nucleus, compile, chunking)."""
     return policy.encode(model, tok, texts, max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k,
                          max_length=args.max_prompt_tokens, compile=args.compile == "on",
-                         chunk_rows=args.micro_batch_size * args.group_size, **kw)
+                         chunk_rows=args.micro_batch_size * args.group_size, sample_rows=args.rollout_rows or None,
+                         **kw)
 
 
 def reward_options(args):
@@ -722,6 +723,8 @@ def build_parser(suppress=False):
     a("--side-temperature", type=float, default=0.5, help="temperature of the query and negative rationales")
     a("--top-p", type=float, default=1.0, help="nucleus of the main rollouts (log-probs are scored unfiltered)")
     a("--top-k", type=int, default=0, help="top-k of the main rollouts, 0 = off (log-probs are scored unfiltered)")
+    a("--rollout-rows", type=int, default=0, help="rationales sampled at once per rank, 0 = all; bounds the KV "
+      "cache (rows x (prompt + new tokens) per layer), which at the release's batch outgrows a 3-4B model")
     a("--compile", default="auto", choices=["auto", "on", "off"],
       help="static-cache + torch.compile sampler with bucketed prompt widths; auto = on for CUDA, off on CPU")
     a = group("reward")
@@ -774,7 +777,7 @@ def build_parser(suppress=False):
 
 # flag: (lowest allowed, highest allowed); every float flag must also be finite
 RANGES = dict(batch_size=(1, 1 << 20), group_size=(1, 1024), mini_batch_size=(1, 1 << 20),
-              micro_batch_size=(1, 1 << 20), ppo_epochs=(1, 1000), steps=(1, 1 << 40), epochs=(1, 1 << 20),
+              micro_batch_size=(1, 1 << 20), rollout_rows=(0, 1 << 20), ppo_epochs=(1, 1000), steps=(1, 1 << 40), epochs=(1, 1 << 20),
               max_prompt_tokens=(1, 1 << 20), max_new_tokens=(1, 1 << 20), save_every=(1, 1 << 40),
               keep_last=(1, 1 << 20), eval_pairs=(2, 1 << 30), eval_every=(0, 1 << 40), log_rationales=(0, 1 << 40),
               seed=(0, 2**32 - 1), threads=(1, 1024), top_k=(0, 1 << 30), lr=(0, 1), weight_decay=(0, 1),

@@ -10,31 +10,44 @@ machine, GPU rows follow (bf16, larger batch and longer rollouts, static cache +
 The compiled CPU path routes nn.Linear through oneDNN (`rollout.onednn_linears`); the row "static +
 oneDNN" isolates that change without torch.compile, and a second table times the two matmul
 libraries alone on the shapes of one decode step, on this machine.
+
+The last table sets each decode step against its floor: the time to read the weights once at the
+bandwidth this machine reaches (a large copy, timed in the same run). bf16 weights, plain and
+compiled; then fp32 master weights under bf16 autocast (how train.py samples on GPU), compiled,
+with the weights re-cast inside every step (what the compiled graph did before) and from
+`rollout.low_precision_copy` (what it does now). On CPU a small model at batch 16; on a GPU the
+Qwen2.5-1.5B shape at batch 128 (--floor-only runs just that table).
 """
 import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import rollout  # noqa: E402
+from train_step import SHAPES  # noqa: E402  (bench/ is the script's folder, so on the path)
 
 
 # The targets set for rollout.py (tokens/s ratio to HF generate); the v4k rows are extra, no target.
 TARGETS = {"cpu plain": 1.0, "cpu compiled": 1.5, "cuda plain": 1.0, "cuda compiled": 3.0}
 
 
-def make_model(device, dtype, vocab=32000):
+def make_model(device, dtype, vocab=32000, shape=None, kv_heads=4):
+    """A random Qwen2: hidden 256, 4 layers (the CPU rows), or a named real shape from bench/train_step.py."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    cfg = Qwen2Config(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=4, vocab_size=vocab, max_position_embeddings=1024,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    dims = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8 if kv_heads < 4 else 4,
+                num_key_value_heads=kv_heads, vocab_size=vocab)
+    if shape:
+        dims = {k: v for k, v in SHAPES[shape].items() if k != "model_type"}
+    cfg = Qwen2Config(**dims, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg).to(device=device, dtype=dtype).eval()
+    with torch.device(device):  # initialised in place: a 1.5B model is slow to build on the host
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
     model.generation_config.eos_token_id = None  # EOS disabled: exactly `new` tokens per row
     model.generation_config.pad_token_id = 0
     return model
@@ -116,7 +129,70 @@ def matmul_table(batch=16, hidden=256, repeats=50):
         print(f"| {f'({out_f}, {in_f})':<18} | {blas:>11.0f} | {onednn:>9.0f} | {blas / onednn:>5.2f}x | {diff:>12.1e} |")
 
 
+# ----------------------------------------------------------------------------- against the bandwidth floor
+
+def bandwidth(device, mib=512, repeats=5):
+    """Bytes/s this device moves in a large copy (read + write), median of `repeats`."""
+    src = torch.ones(mib * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    return 2 * src.numel() * 4 / statistics.median(timed(lambda: dst.copy_(src), device)[1] for _ in range(repeats))
+
+
+def streamed_bytes(model, bytes_per_param=2):
+    """Weight bytes one decode step must read: every parameter but an input embedding table (a few
+    rows are looked up) that is not also the output head."""
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    return bytes_per_param * sum(p.numel() for p in model.parameters() if p is not emb or p is head)
+
+
+def floor_table(device, batch, prompt, new, pairs, shape=None):
+    """Milliseconds per decode step against reading the bf16 weights once: bf16 weights, and fp32
+    weights under bf16 autocast; each plain, compiled as before (the model itself: weights re-cast and
+    KV cache expanded inside the graph, see rollout.sampling_model) and compiled now (decode copy)."""
+    build = lambda dtype: make_model(device, dtype, shape=shape, kv_heads=2)  # noqa: E731  grouped KV heads, as real models
+    bw = bandwidth(device)
+    with torch.device("meta"):
+        meta = build(torch.bfloat16)
+    weights, c = streamed_bytes(meta), meta.config
+    kv = batch * (prompt + new) * c.num_hidden_layers * 2 * c.num_key_value_heads * meta.model.layers[0].self_attn.head_dim * 2
+    floor_s = weights / bw
+    before = mock.patch.object(rollout, "sampling_model", lambda model, compile: model)
+    rows = []
+    for dtype, autocast in [(torch.bfloat16, False), (torch.float32, True)]:
+        model = build(dtype)
+        ids, mask = make_prompts(batch, prompt, model.config.vocab_size, device)
+        label = "bf16 weights" if dtype == torch.bfloat16 else "fp32 + autocast"
+        for name, compile, patch in [("plain", False, None), ("compiled, before", True, before),
+                                     ("compiled (decode copy)", True, None)]:
+            def run():
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast), patch or mock.MagicMock():
+                    return rollout.sample(model, ids, mask, new, temperature=0, compile=compile, check_every=new)
+            out, _ = timed(run, device)  # warm-up: compiles
+            if not compile:
+                ref = out.sequences
+            step = statistics.median(timed(run, device)[1] for _ in range(pairs)) / new
+            rows.append((f"{label}, {name}", step * 1e3, batch / step, floor_s / step,
+                         (out.sequences == ref).float().mean().item()))
+            print(f"  done {device.type} {rows[-1][0]}", file=sys.stderr, flush=True)
+            torch._dynamo.reset()
+        rollout._copies.clear()
+    print(f"\n{device.type}: {shape or 'hidden 256 x 4 layers, 8 heads on 2 KV heads, vocab 32000'}, batch {batch},"
+          f" prompt {prompt}, {new} new tokens, greedy, median of {pairs}; floor = {weights / 1e9:.3f} GB of bf16"
+          f" weights per step at {bw / 1e9:.0f} GB/s (a copy, timed) = {floor_s * 1e3:.3f} ms (a compiled step also"
+          f" reads the whole static KV cache, {kv / 1e9:.3f} GB); same tokens: against the plain row of the same"
+          f" weights (a bf16 near-tie flips a greedy token, and the rest of that row follows)")
+    print(f"| {'rollouts':<40} | {'ms/step':>8} | {'tok/s':>8} | {'of floor':>8} | {'same tokens':>11} |")
+    print(f"|{'-' * 42}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 13}|")
+    for name, ms, tps, frac, same in rows:
+        print(f"| {name:<40} | {ms:>8.2f} | {tps:>8.0f} | {frac:>7.0%} | {same:>10.1%} |")
+
+
 def main():
+    if "--floor-only" in sys.argv:
+        cuda = torch.cuda.is_available()
+        return floor_table(torch.device("cuda" if cuda else "cpu"), batch=128 if cuda else 16, prompt=64,
+                           new=128, pairs=3, shape="Qwen2.5-1.5B" if cuda else None)
     cpu = torch.device("cpu")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     modes = [("plain", {}), ("static", dict(static_cache=True)),
@@ -140,6 +216,9 @@ def main():
         verdict = "" if target is None else f">= {target:.1f}x {'met' if ratio >= target else 'MISSED'}"
         print(f"| {name:<24} | {ours:>10.0f} | {hf:>10.0f} | {ratio:>5.2f}x | {same:>10.1%} | {verdict:<13} |")
     matmul_table()
+    floor_table(cpu, batch=16, prompt=64, new=128, pairs=3)
+    if torch.cuda.is_available():
+        floor_table(torch.device("cuda"), batch=128, prompt=64, new=128, pairs=3, shape="Qwen2.5-1.5B")
 
 
 if __name__ == "__main__":

@@ -60,12 +60,14 @@ def config(shape, tokenizer):
 
 
 def parameter_count(shape):
+    """-> (parameters, of which the output head, in nn.Linear layers: what autocast casts and the decode copy holds)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config(shape, policy.build_tiny_tokenizer()))
     head = model.get_output_embeddings().weight
-    return sum(p.numel() for p in model.parameters()), head.numel()  # (tied: counted once)
+    linear = sum(p.numel() for m in model.modules() if type(m) is torch.nn.Linear for p in m.parameters())
+    return sum(p.numel() for p in model.parameters()), head.numel(), linear  # (tied: counted once)
 
 
 # ----------------------------------------------------------------------------- the timed step
@@ -180,49 +182,60 @@ GPU_GB, HEADROOM_GB = 80, 8  # what a job can use: 80 GB less CUDA context, NCCL
 PROMPT, NEW, PROMPTS, G, MICRO_PROMPTS = 512, 2048, 64, 8, 2  # the release's batch; 2 prompts per forward
 
 
-def memory_gb(shape, mode, n):
+def memory_gb(shape, mode, n, rollout_rows=0):
     """Peak GB per GPU = max(rollout phase, update phase) for mode plain | fsdp | offload over n GPUs.
     Bytes per parameter: fp32 weights 4, grads 4 (kept from the step through the next rollouts:
     zero_grad comes at the next update), AdamW 8 -> 16, all on the GPU (plain), / n (fsdp), on the
-    host (offload). The bf16 reference: 2, replicated (what train.py does). FSDP rollouts hold one
-    gathered fp32 copy (4), scoring/updates the root unit (embeddings+head) and two gathered layers.
-    KV cache (bf16) for this rank's 64 x 8 / n main rollouts of 512 + 2048 tokens; activations with
+    host (offload). The bf16 reference: 2, replicated (what train.py does). bf16 autocast holds a
+    cast (2) of every Linear parameter a forward uses until its backward is done. plain samples
+    compiled, from rollout's decode copy (bf16 Linears, 2, kept); FSDP samples uncompiled from one
+    gathered fp32 copy (4) and its autocast casts (2); scoring/updates gather the root unit
+    (embeddings+head) and two layers at a time.
+    KV cache (bf16) for this rank's 64 x 8 / n main rollouts of 512 + 2048 tokens, or for
+    rollout_rows of them at a time (--rollout-rows); activations with
     gradient checkpointing for a micro-batch of 2 prompts x 8 = 16 rows x 2560 tokens: each layer's
     fp32 input (L x tokens x H x 4), one layer's recompute (tokens x (4H + 3I) x 2 bytes), the fp32
     last hidden states, and fp32 logits for 1024 scored tokens (x3: logits, log-softmax, grad)."""
     c = SHAPES[shape]
-    P, head = parameter_count(shape)
+    P, head, linear = parameter_count(shape)
     L, H, I, V = c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"], c["vocab_size"]
     head_dim = c.get("head_dim", H // c["num_attention_heads"])
     tokens = PROMPT + NEW
-    kv = (PROMPTS * G / n) * tokens * L * 2 * c["num_key_value_heads"] * head_dim * 2
+    rows = PROMPTS * G / n if not rollout_rows else min(rollout_rows, PROMPTS * G / n)
+    kv = rows * tokens * L * 2 * c["num_key_value_heads"] * head_dim * 2
     micro = MICRO_PROMPTS * G * tokens
     act = micro * (L * H * 4 + (4 * H + 3 * I) * 2 + H * 4) + 1024 * V * 4 * 3
     layer = (P - head) / L
     states = {"plain": 16 * P, "fsdp": 16 * P / n, "offload": 0}[mode]
-    gathered_rollout = 0 if mode == "plain" else 4 * P
-    gathered_update = 0 if mode == "plain" else 4 * (head + 2 * layer)
     ref = 2 * P
-    rollout_phase = states + gathered_rollout + ref + kv
-    update_phase = states + gathered_update + ref + act
+    if mode == "plain":
+        rollout_phase = states + ref + 2 * linear + kv  # the decode copy, kept through the update
+        update_phase = states + ref + 2 * linear + 2 * linear + act  # + autocast's casts
+    else:
+        rollout_phase = states + ref + (4 + 2) * P + kv  # gathered fp32 + autocast's casts
+        update_phase = states + ref + (4 + 2) * (head + 2 * layer) + act
     return max(rollout_phase, update_phase) / 1e9, P
 
 
 def memory_table():
     print(f"Per-GPU peak, GB (computed, not measured): {PROMPTS} prompts x G={G}, {NEW}-token rationales after "
           f"{PROMPT}-token prompts, micro-batches of {MICRO_PROMPTS} prompts, gradient checkpointing; "
-          f"fits = at most {GPU_GB - HEADROOM_GB} of {GPU_GB} GB.\n")
+          f"fits = at most {GPU_GB - HEADROOM_GB} of {GPU_GB} GB.")
     runs = [(mode, n) for mode in ("plain", "fsdp", "offload") for n in (1, 4, 8)]
-    print("| model | params | " + " | ".join(f"{m} x{n}" for m, n in runs) + " |")
-    print("|---|---|" + "---|" * len(runs))
-    for shape in [s for s in SHAPES if s != "small"]:
-        cells = []
-        for mode, n in runs:
-            gb, P = memory_gb(shape, mode, n)
-            cells.append(f"{gb:.0f} {'fits' if gb <= GPU_GB - HEADROOM_GB else 'no'}")
-        print(f"| {shape} | {P / 1e9:.2f}B | " + " | ".join(cells) + " |")
-    print("\nBytes/param resident per GPU: plain 16 + 2 (bf16 ref); FSDP 16/N + 2, +4 while rollouts hold the "
-          "gathered copy; offload 0 + 2, +4 gathered (the 16 live in host RAM: 16/N per rank).")
+    for rollout_rows in (0, 64):
+        print("\nAll of a rank's rollouts sampled at once (the default):\n" if not rollout_rows else
+              f"\n--rollout-rows {rollout_rows}: a rank samples {rollout_rows} rollouts at a time:\n")
+        print("| model | params | " + " | ".join(f"{m} x{n}" for m, n in runs) + " |")
+        print("|---|---|" + "---|" * len(runs))
+        for shape in [s for s in SHAPES if s != "small"]:
+            cells = []
+            for mode, n in runs:
+                gb, P = memory_gb(shape, mode, n, rollout_rows)
+                cells.append(f"{gb:.0f} {'fits' if gb <= GPU_GB - HEADROOM_GB else 'no'}")
+            print(f"| {shape} | {P / 1e9:.2f}B | " + " | ".join(cells) + " |")
+    print("\nBytes/param per GPU: plain 16 + 2 (bf16 ref) + 2 (decode copy), +2 autocast casts in the update; "
+          "FSDP 16/N + 2, +4 +2 while rollouts hold the gathered copy and its casts; offload 0 + 2, +4 +2 gathered "
+          "(the 16 live in host RAM: 16/N per rank).")
     print("plain x N is the hand data-parallel path: full states on every GPU, KV cache for rows / N.")
 
 

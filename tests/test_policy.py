@@ -282,3 +282,18 @@ def test_stop_token_ids_prefer_generation_config(tiny):
     assert policy.stop_token_ids(m, tokenizer) == 0
     m.generation_config.eos_token_id = None
     assert policy.stop_token_ids(m, tokenizer) == tokenizer.eos_token_id
+
+
+def test_sampling_in_chunks_of_rows_changes_nothing():
+    """sample_rows (bounding the KV cache) gives the rollouts and embeddings of sampling all rows at
+    once: rows whose completions end at different steps are right-padded to the longest."""
+    model, tokenizer = policy.load("tiny-lm")  # greedy rationales that end (EOS) at different steps
+    texts = TEXTS + ["Another sentence, longer than the others, to pad the batch.", "b"]
+    whole = policy.encode(model, tokenizer, texts, max_new_tokens=12)
+    lengths = whole.rollout.completion_mask.sum(-1)
+    assert lengths.min() < lengths.max() and whole.rollout.truncated.any() and not whole.rollout.truncated.all()
+    for rows in (1, 2, 4):
+        part = policy.encode(model, tokenizer, texts, max_new_tokens=12, sample_rows=rows)
+        for field in ("sequences", "attention_mask", "completion_mask", "truncated"):
+            assert torch.equal(getattr(part.rollout, field), getattr(whole.rollout, field)), (rows, field)
+        torch.testing.assert_close(part.embeddings, whole.embeddings, rtol=0, atol=1e-6)

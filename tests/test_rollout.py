@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import rollout
-from conftest import VOCAB
+from conftest import VOCAB, make_arch_model
 
 NEW = 10
 
@@ -70,15 +70,18 @@ def test_greedy_matches_generate_without_eos(arch_model, static):
     assert r.truncated.all() and r.completion_mask[:, ids.size(1):].eq(1).all()
 
 
-@pytest.mark.parametrize("static", [False, True], ids=["plain", "static"])
-def test_greedy_matches_generate_with_eos(arch_model, static):
+@pytest.mark.parametrize("static,check_every", [(False, None), (True, None), (False, 4), (True, 3)],
+                         ids=["plain", "static", "plain-check-4", "static-check-3"])
+def test_greedy_matches_generate_with_eos(arch_model, static, check_every):
+    """check_every: asking whether all rows have finished only every k steps (the GPU default) runs
+    extra steps after the last EOS; they must be cut off, leaving HF's sequences exactly."""
     ids, mask = ragged_prompts()
     free = rollout.sample(arch_model, ids, mask, NEW, temperature=0).sequences[:, ids.size(1):]
     eos = pick_eos(free)
     pad = 127 if 127 not in eos else 126  # pad != eos here; pad == eos (GPT-2 style) is tested below
     ref = hf_greedy(arch_model, ids, mask, eos=eos, pad=pad)
     r = rollout.sample(arch_model, ids, mask, NEW, temperature=0, eos_token_id=eos, pad_token_id=pad,
-                       static_cache=static)
+                       static_cache=static, check_every=check_every)
     assert torch.equal(r.sequences, ref)  # also the same length: both stop when every row is done
     check_masks(r, mask, eos)
     steps = first_hit(r.sequences[:, ids.size(1):], eos)
@@ -98,11 +101,12 @@ def test_pad_equal_to_eos_keeps_eos_in_completion(gpt2_model):
     assert r.completion_mask[1, P] == 1 and r.completion_mask[1, P + 1:].eq(0).all()
 
 
-def test_all_rows_finish_early_and_not_truncated(qwen2_model):
+@pytest.mark.parametrize("check_every", [None, 8])
+def test_all_rows_finish_early_and_not_truncated(qwen2_model, check_every):
     ids, mask = ragged_prompts()
     free = rollout.sample(qwen2_model, ids, mask, NEW, temperature=0).sequences[:, ids.size(1):]
     eos = sorted(set(free[:, 1].tolist()))  # every row emits one of these at step 1
-    r = rollout.sample(qwen2_model, ids, mask, NEW, temperature=0, eos_token_id=eos)
+    r = rollout.sample(qwen2_model, ids, mask, NEW, temperature=0, eos_token_id=eos, check_every=check_every)
     assert r.sequences.size(1) <= ids.size(1) + 2 and not r.truncated.any()
     check_masks(r, mask, eos)
 
@@ -129,6 +133,11 @@ def test_seed_reproduces_rollout(qwen2_model, static):
     assert not torch.equal(a.sequences, c.sequences)
     # same draws on both paths, and the logits agree well enough to give the same tokens
     assert torch.equal(a.sequences, run(0, st=not static).sequences)
+    # checking for the end every 5 steps draws for extra steps after the last EOS, never before it
+    lagged = rollout.sample(qwen2_model, ids, mask, NEW, temperature=1.0, top_p=0.9, top_k=50, eos_token_id=[3, 4],
+                            generator=torch.Generator().manual_seed(0), static_cache=static, check_every=5)
+    for field in ("sequences", "attention_mask", "completion_mask", "truncated"):
+        assert torch.equal(getattr(a, field), getattr(lagged, field))
 
 
 # ----------------------------------------------------------------------------- the fast path
@@ -185,6 +194,73 @@ def test_compiled_path_matches_generate_and_plain_path(arch_model):
     run = lambda **kw: rollout.sample(model, ids, mask, NEW, temperature=1.0, top_p=0.9,  # noqa: E731
                                       generator=torch.Generator().manual_seed(3), **kw).sequences
     assert torch.equal(run(compile=True), run())
+
+
+def test_decode_copy_computes_what_autocast_computes(arch_model):
+    """Under autocast, the copy with bf16 Linear weights gives bit-identical logits to the fp32 master
+    (autocast rounds the master's weights to the same bf16 values); everything else is shared."""
+    model = arch_model
+    low, pairs = rollout.decode_copy(model, torch.bfloat16)
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    assert len(pairs) == len(linears) > 0
+    for copy_linear, master in pairs:
+        assert copy_linear.weight.dtype == torch.bfloat16 and not copy_linear.weight.requires_grad
+        assert torch.equal(copy_linear.weight, master.weight.to(torch.bfloat16))
+    copied = {id(p) for m, _ in pairs for p in m.parameters()}
+    for p, q in zip(model.parameters(), low.parameters()):  # the rest is the master's own tensor
+        assert id(q) in copied or q is p
+    ids, mask = ragged_prompts()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(low(input_ids=ids, attention_mask=mask).logits, model(input_ids=ids, attention_mask=mask).logits)
+    same, no_pairs = rollout.decode_copy(model)  # no dtype: nothing copied at all
+    assert not no_pairs and all(p is q for p, q in zip(model.parameters(), same.parameters()))
+    assert model.config._attn_implementation == "sdpa"  # the master's attention is left alone
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_packed_gqa_attention_matches_float64_attention(groups):
+    """One query token per row against a padded cache, on the key/value heads: the same as expanding
+    the cache to every query head, softmax(q k^T / sqrt(D) + mask) v, computed by hand in float64."""
+    g = torch.Generator().manual_seed(0)
+    B, KV, L, D = 3, 2, 9, 8
+    H = KV * groups
+    q, k, v = (torch.randn(B, n, t, D, generator=g) for n, t in ((H, 1), (KV, L), (KV, L)))
+    visible = torch.ones(B, 1, 1, L, dtype=torch.bool)
+    visible[0, ..., :4] = False  # left padding
+    visible[1, ..., 7:] = False  # cache slots not written yet (static cache)
+    module = SimpleNamespace(num_key_value_groups=groups, is_causal=True)
+    out, _ = rollout.packed_gqa_attention(module, q, k, v, visible, scaling=D ** -0.5)
+    kx, vx = (x.double().repeat_interleave(groups, dim=1) for x in (k, v))  # (B, H, L, D)
+    scores = (q.double() @ kx.transpose(-1, -2)) / D ** 0.5  # (B, H, 1, L)
+    ref = scores.masked_fill(~visible, -math.inf).softmax(-1) @ vx  # (B, H, 1, D)
+    assert out.shape == (B, 1, H, D)
+    torch.testing.assert_close(out.double(), ref.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_path_under_autocast_samples_from_a_fresh_copy():
+    """compile=True under autocast samples from the low-precision copy, refreshed at every call: after
+    the master changes, its tokens are the plain path's tokens of the changed master."""
+    model = make_arch_model("qwen2")  # its own copy and compiled step; modified below
+    ids, mask = ragged_prompts()
+
+    def both():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            compiled = rollout.sample(model, ids, mask, NEW, temperature=0, compile=True)
+            plain = rollout.sample(model, ids, mask, NEW, temperature=0)
+        return compiled.sequences, plain.sequences
+
+    compiled, plain = both()
+    assert torch.equal(compiled, plain)
+    dtype, low, pairs = rollout._copies[model]
+    assert dtype == torch.bfloat16 and pairs
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m) is torch.nn.Linear:
+                m.weight.mul_(-1.5)  # a different model: different greedy tokens
+    changed, plain_changed = both()
+    assert rollout._copies[model][1] is low  # the same copy (a compiled graph keeps its addresses)
+    assert all(torch.equal(c.weight, m.weight.to(torch.bfloat16)) for c, m in pairs)
+    assert not torch.equal(plain_changed, plain) and torch.equal(changed, plain_changed)
 
 
 # ----------------------------------------------------------------------------- the distribution
