@@ -12,27 +12,29 @@ moments (8 B): 16 B/param, 64 GB for a 4B model before any activation. Under `--
               of its 1/N slice (FSDP divides by N), so no hand all-reduce is needed on this path
     step:     AdamW on the local slices (DTensors): its state is sharded with them
 
-Two things in this repo call around the root module's forward, which is where FSDP's root hooks live:
-policy.token_logprobs / hidden_states call `model.base_model(...)` and then the output head directly,
-and rollout.sample calls `model(...)` once per decoded token. `shard` handles both with one rule,
-applied by a forward pre-hook on the two entry points (the root and `base_model`):
+Rollouts are not sampled from the sharded model. A rollout batch of T decode steps would all-gather
+every layer T times (T = 2048 in the release: 2048 x the model's bytes through the interconnect per
+batch), ranks whose rollouts stop at different steps would issue different numbers of collectives
+and hang, and FSDP's hooks cannot be traced by torch.compile. So every rank keeps a `decode_copy`: a
+plain, unsharded, hook-free model with the same weights (Linear weights in bf16 on GPU, the dtype
+autocast computes them in, 2 B/param; the rest, mostly the embedding table, fp32), refreshed at each
+rollout call by gathering one unit at a time. Rollouts, compiled or not, run on the copy.
 
-    no_grad forward (rollouts, embeddings, the in-training STS check): the whole model is gathered once
-        and stays gathered until the next gradient forward. A rollout batch of T decode steps would
-        otherwise all-gather every layer T times (T = 2048 in the release: 2048 x the model's bytes
-        through the interconnect per batch, against 1 x here), and ranks whose rollouts stop at
-        different steps would issue different numbers of collectives and hang. The price is one full
-        fp32 copy of the weights per rank while sampling (4 B/param, transient).
-    gradient forward (the update): everything is resharded first (freeing that copy), the root unit
-        is gathered (embeddings, norm, head: the direct calls need them; a no-op if already gathered)
-        and stays gathered through the backward; each decoder layer gathers and frees itself.
-        The root's gradients (embedding and head contributions summed, tied or not) are
-        reduce-scattered once, by FSDP's end-of-backward callback.
+policy.token_logprobs / hidden_states call `model.base_model(...)` and then the output head
+directly, around the root module's forward, where FSDP's root hooks live. A forward pre-hook on the
+two entry points (the root and `base_model`) therefore gathers the root unit (embeddings, norm,
+head); it stays gathered through the backward, while each decoder layer gathers and frees itself.
+The root's gradients (embedding and head contributions summed, tied or not) are reduce-scattered
+once, by FSDP's end-of-backward callback. A decode loop run on the sharded model itself (a forward
+that fills a KV cache without gradient: not train.py's) gathers the whole model once and keeps it
+until the next forward that does not, so its collectives match across ranks.
 
-The switch happens at the same call on every rank (every rank runs the same sequence of encode /
-update calls), so the collectives match. The frozen reference is not sharded (see train.load_models).
-Checkpoints gather full state dicts to rank 0 (`full_state_dict`) and stay plain from_pretrained folders.
+Every rank runs the same sequence of encode / update calls, so the collectives match. The frozen
+reference is not sharded (see train.load_models). Checkpoints gather full state dicts to rank 0
+(`full_state_dict`) and stay plain from_pretrained folders.
 """
+import weakref
+
 import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
@@ -60,13 +62,72 @@ def shard(model, device, offload=False):
         fully_shard(layer, offload_policy=policy)
     fully_shard(model, offload_policy=policy, reshard_after_forward=False)
     model._gathered = None  # unknown until the first call
+
+    def pre_forward(module, args, kwargs):  # a decode step: no gradient, a KV cache filled
+        _switch(model, gathered=not torch.is_grad_enabled() and kwargs.get("use_cache") is not False)
+
     for entry in (model, model.base_model):
-        entry.register_forward_pre_hook(lambda *_: _switch(model, gathered=not torch.is_grad_enabled()),
-                                        prepend=True)  # before FSDP's own pre-forward
+        entry.register_forward_pre_hook(pre_forward, prepend=True, with_kwargs=True)  # before FSDP's own
     with torch.no_grad():  # the first FSDP forward picks the root: make it this one, not a layer
         model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
     reshard(model)  # model.parameters() are the sharded ones again: what the optimizer must hold
     return model
+
+
+def decode_copy(model, device, dtype=None):
+    """A plain copy of the sharded model to sample rollouts from; a collective (every rank calls it).
+
+    Built from the model's config (no weights read from disk), its nn.Linear weights in `dtype` (the
+    autocast dtype on GPU: what autocast would compute them in; None keeps fp32) and untied from the
+    embedding, everything else in fp32, filled by `refresh`. -> the copy (eval mode, no gradients).
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        low = AutoModelForCausalLM.from_config(model.config)
+    low.to_empty(device=device).eval().requires_grad_(False)
+    if dtype is not None:
+        for m in low.modules():
+            if type(m) is torch.nn.Linear:  # new tensors: a tied head gets its own
+                m.weight = torch.nn.Parameter(m.weight.to(dtype), requires_grad=False)
+                if m.bias is not None:
+                    m.bias = torch.nn.Parameter(m.bias.to(dtype), requires_grad=False)
+    with torch.no_grad():
+        buffers = dict(low.named_buffers())
+        for name, b in model.named_buffers():  # rotary tables: not sharded, not in the config's init
+            buffers[name].copy_(full_tensor(b))
+    return refresh(low, model)
+
+
+@torch.no_grad()
+def refresh(low, model):
+    """Copy the sharded weights into `low`, one FSDP unit gathered at a time (the root unit, then each
+    layer, freed again at once): the peak is one layer and the root. A collective. -> low."""
+    reshard(model)
+    dst = dict(low.named_parameters(remove_duplicate=False))
+    prefixes = {m: name + "." for name, m in model.named_modules() if isinstance(m, FSDPModule) and m is not model}
+    model.unshard()  # the root unit: everything outside the layers
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if not any(name.startswith(prefix) for prefix in prefixes.values()):
+            dst[name].copy_(p)
+    for layer, prefix in prefixes.items():
+        layer.unshard()
+        for name, p in layer.named_parameters(prefix=prefix[:-1]):
+            dst[name].copy_(p)
+        layer.reshard()
+    reshard(model)
+    return low
+
+
+_copies = weakref.WeakKeyDictionary()  # sharded model -> its decode copy
+
+
+def sampler(model, device, dtype=None):
+    """The decode copy of `model`: made on the first call, refreshed on every later one (a collective)."""
+    if model not in _copies:
+        _copies[model] = decode_copy(model, device, dtype)
+        return _copies[model]
+    return refresh(_copies[model], model)
 
 
 def units(model):

@@ -118,7 +118,7 @@ PROMPT_BUCKET = 64  # compiled sampling: prompts are padded to a multiple of thi
 @torch.no_grad()
 def encode(model, tokenizer, texts, *, n=1, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0,
            system_prompt=DEFAULT_SYSTEM_PROMPT, max_length=1024, rationale=True, generator=None,
-           compile=False, chunk_rows=None, sample_rows=None, logprob_temperature=None):
+           compile=False, chunk_rows=None, sample_rows=None, logprob_temperature=None, sampler=None):
     """texts -> n rationales each -> Encoded: the rollouts and their pooled embeddings.
 
     The one definition of a GRACE embedding: training rewards it, the in-training STS check and
@@ -129,15 +129,18 @@ def encode(model, tokenizer, texts, *, n=1, max_new_tokens=256, temperature=0.0,
     the rows sampled at once (the KV cache: rows x (prompt + max_new_tokens) positions in every layer).
     logprob_temperature: also score the rationale tokens under logits / T from the same hidden states
     (one forward instead of two: training's old log-probs).
+    sampler: the module the rationales are sampled from, with model's weights (default: model itself;
+    under FSDP a plain copy, see fsdp.decode_copy). Its device is where the work happens.
     """
-    device = next(model.parameters()).device
+    sampler = sampler or model
+    device = next(sampler.parameters()).device
     ids, mask, start, cut = build_prompts(tokenizer, texts, system_prompt, max_length, return_truncated=True,
                                           pad_to=PROMPT_BUCKET if compile else 1)
     ids, mask, start = (x.repeat_interleave(n, 0).to(device) for x in (ids, mask, start))  # (B*n, P)
     if rationale:
         step = sample_rows or len(ids)
         with autocast(device):  # bf16 on GPU, as the scoring forwards that follow
-            ro = rollout.concat([rollout.sample(model, ids[s:s + step], mask[s:s + step], max_new_tokens,
+            ro = rollout.concat([rollout.sample(sampler, ids[s:s + step], mask[s:s + step], max_new_tokens,
                                                 temperature=temperature, top_p=top_p, top_k=top_k,
                                                 eos_token_id=stop_token_ids(model, tokenizer),
                                                 pad_token_id=tokenizer.pad_token_id, generator=generator,

@@ -34,7 +34,9 @@ Deviations from the authors' release, on purpose:
 
 Precision: float32 master weights, gradients and AdamW state; on CUDA every forward (rollouts,
 embeddings, log-probs) runs under bf16 autocast (policy.autocast), and the frozen reference is kept in
-bf16 (it never steps). CPU runs are float32 throughout.
+bf16 (it never steps). Compiled rollouts run on a decode copy with bf16 Linear weights, refreshed from
+the master at each rollout call: the numbers autocast computes, without re-casting every weight at
+every token (rollout.sampling_model; under --fsdp, fsdp.decode_copy). CPU runs are float32 throughout.
 
 Reading order: the math (pure functions), one step (a staged pipeline), the loop, then plumbing
 (distributed setup, resume, checkpoints, the CLI) at the bottom.
@@ -292,11 +294,15 @@ def contrastive_step(model, ref, tok, opt, batch, args, generator, world):
 
 
 def encode(model, tok, texts, args, **kw):
-    """policy.encode with this run's rollout settings (prompt limit, length, nucleus, compile, chunking)."""
+    """policy.encode with this run's rollout settings (prompt limit, length, nucleus, compile, chunking).
+    --fsdp: rationales are sampled from fsdp's decode copy (refreshed here: a collective), bf16 Linears on GPU."""
+    sampler = None
+    if args.fsdp:
+        sampler = fsdp.sampler(model, args.device, torch.bfloat16 if args.device.startswith("cuda") else None)
     return policy.encode(model, tok, texts, max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k,
                          max_length=args.max_prompt_tokens, compile=args.compile == "on",
                          chunk_rows=args.micro_batch_size * args.group_size, sample_rows=args.rollout_rows or None,
-                         **kw)
+                         sampler=sampler, **kw)
 
 
 def reward_options(args):
@@ -613,9 +619,6 @@ def setup_distributed(args):
         torch.set_num_threads(args.threads)
     if args.offload and not args.fsdp:
         raise UsageError("--offload needs --fsdp")
-    if args.fsdp and args.compile == "on":  # FSDP2's hooks are dynamo-disabled: fullgraph=True cannot trace them
-        print("note: --fsdp samples without torch.compile (--compile off)", file=sys.stderr, flush=True)
-        args.compile = "off"
     if "RANK" not in os.environ:
         if args.fsdp:
             raise UsageError("--fsdp needs torchrun (torchrun --nproc_per_node=N train.py ...; N = 1 works too)")

@@ -12,8 +12,8 @@ saved to a temporary folder (AutoModelForCausalLM.from_config: no weights are do
 tiny model's offline tokenizer. Each mode runs one warm-up step (compilation happens there), then
 --steps timed steps; the table shows their mean. Peak memory: GPU max allocated per mode on CUDA; on
 CPU the process's peak RSS, which only grows (the second mode's number includes the first's).
---gather-bench (under torchrun with --fsdp): how the sharded model is gathered for a rollout batch,
-once per batch (what fsdp.py does) against per layer at every decode step.
+--gather-bench (under torchrun with --fsdp): a rollout batch from fsdp's decode copy (refreshed first,
+what train.py does) against the sharded model gathered once, and gathered per layer at every step.
 """
 import argparse
 import os
@@ -104,35 +104,37 @@ def one_mode(folder, compile, opts, rank, world, steps):
 
 
 def gather_bench(model, tok, args, world, new=16, repeats=3):
-    """Seconds per rollout batch of `new` tokens: gathered once (fsdp.py) vs per layer every step."""
+    """Seconds per rollout batch of `new` tokens on the sharded model: from fsdp's decode copy (refreshed
+    first, what train.py does), on the model gathered once, and gathering per layer at every step."""
     ids, mask, _ = policy.build_prompts(tok, ["a short text"] * 8)
     ids, mask = ids.to(args.device), mask.to(args.device)
 
-    def timed():
+    def timed(module, before=lambda: None):
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
-            rollout.sample(model, ids, mask, new, temperature=0.0, eos_token_id=None)  # no EOS: same steps on all ranks
+            before()
+            rollout.sample(module(), ids, mask, new, temperature=0.0, eos_token_id=None)  # no EOS: same steps on all ranks
             times.append(time.perf_counter() - t)
         return statistics.median(times)
 
-    once = timed()
-    gathers = []
-    for _ in range(repeats):  # the price of gathering once: one all-gather of every unit
-        fsdp.reshard(model)
+    copy = timed(lambda: fsdp.sampler(model, args.device))
+    refreshes = []
+    for _ in range(repeats):  # the price of the copy: one refresh, a unit at a time
         t = time.perf_counter()
-        fsdp._switch(model, gathered=True)
-        gathers.append(time.perf_counter() - t)
+        fsdp.sampler(model, args.device)
+        refreshes.append(time.perf_counter() - t)
+    once = timed(lambda: model, before=lambda: fsdp.reshard(model))
     switch, fsdp._switch = fsdp._switch, lambda *a, **k: None  # every unit gathers and frees itself per forward
     fsdp.reshard(model)
     for unit in fsdp.units(model):
         unit.set_reshard_after_forward(True, recurse=False)
     try:
-        per_step = timed()
+        per_step = timed(lambda: model)
     finally:
         fsdp._switch = switch
         fsdp.reshard(model)
-    return once, per_step, statistics.median(gathers)
+    return copy, once, per_step, statistics.median(refreshes)
 
 
 def bench(a):
@@ -142,6 +144,7 @@ def bench(a):
             "--no-length-penalty", "--lr", "1e-6", "--threads", str(a.threads)]
     opts += ["--micro-batch-size", str(a.micro_batch_size)] if a.micro_batch_size else []
     opts += ["--grad-checkpointing"] if a.grad_checkpointing else []
+    opts += ["--rollout-rows", str(a.rollout_rows)] if a.rollout_rows else []
     opts += ["--fsdp"] if a.fsdp else []
     opts += ["--offload"] if a.offload else []
     if "RANK" in os.environ:
@@ -155,7 +158,7 @@ def bench(a):
             folder = names[0]
             torch.distributed.barrier()
         rows = {}
-        for mode in ["off"] if a.fsdp else a.compile.split(","):  # --fsdp samples uncompiled (see train.py)
+        for mode in a.compile.split(","):
             rows[mode], model, tok, args = one_mode(folder, mode, opts, rank, world, a.steps)
         gathered = gather_bench(model, tok, args, world) if a.gather_bench and a.fsdp else None
         if world > 1:
@@ -172,8 +175,8 @@ def bench(a):
     if {"on", "off"} <= set(rows):
         print(f"compiled / plain rollout tokens/s: {rows['on']['tokens_per_s'] / rows['off']['tokens_per_s']:.2f}x")
     if gathered:
-        print(f"rollout of 8 rows x 16 tokens: gathered once {gathered[0]:.3f} s, per layer per step "
-              f"{gathered[1]:.3f} s ({gathered[1] / gathered[0]:.2f}x); the one gather itself {gathered[2] * 1e3:.1f} ms")
+        print(f"rollout of 8 rows x 16 tokens: decode copy {gathered[0]:.3f} s (its refresh alone {gathered[3] * 1e3:.1f} "
+              f"ms), sharded model gathered once {gathered[1]:.3f} s, gathered per layer per step {gathered[2]:.3f} s")
 
 
 # ----------------------------------------------------------------------------- the memory table
@@ -187,9 +190,9 @@ def memory_gb(shape, mode, n, rollout_rows=0):
     Bytes per parameter: fp32 weights 4, grads 4 (kept from the step through the next rollouts:
     zero_grad comes at the next update), AdamW 8 -> 16, all on the GPU (plain), / n (fsdp), on the
     host (offload). The bf16 reference: 2, replicated (what train.py does). bf16 autocast holds a
-    cast (2) of every Linear parameter a forward uses until its backward is done. plain samples
-    compiled, from rollout's decode copy (bf16 Linears, 2, kept); FSDP samples uncompiled from one
-    gathered fp32 copy (4) and its autocast casts (2); scoring/updates gather the root unit
+    cast (2) of every Linear parameter a forward uses until its backward is done. Rollouts run on a
+    decode copy, kept: plain, rollout.py's (bf16 Linears, 2); FSDP, fsdp.py's (bf16 Linears 2, the
+    rest fp32 4: mostly the embedding table). Scoring/updates under FSDP gather the root unit
     (embeddings+head) and two layers at a time.
     KV cache (bf16) for this rank's 64 x 8 / n main rollouts of 512 + 2048 tokens, or for
     rollout_rows of them at a time (--rollout-rows); activations with
@@ -208,12 +211,10 @@ def memory_gb(shape, mode, n, rollout_rows=0):
     layer = (P - head) / L
     states = {"plain": 16 * P, "fsdp": 16 * P / n, "offload": 0}[mode]
     ref = 2 * P
-    if mode == "plain":
-        rollout_phase = states + ref + 2 * linear + kv  # the decode copy, kept through the update
-        update_phase = states + ref + 2 * linear + 2 * linear + act  # + autocast's casts
-    else:
-        rollout_phase = states + ref + (4 + 2) * P + kv  # gathered fp32 + autocast's casts
-        update_phase = states + ref + (4 + 2) * (head + 2 * layer) + act
+    copy = 2 * linear + (0 if mode == "plain" else 4 * (P - linear))  # kept through the update
+    gathered = 0 if mode == "plain" else (4 + 2) * (head + 2 * layer)  # fp32 + autocast's casts
+    rollout_phase = states + ref + copy + kv
+    update_phase = states + ref + copy + 2 * linear * (mode == "plain") + gathered + act
     return max(rollout_phase, update_phase) / 1e9, P
 
 
@@ -234,8 +235,8 @@ def memory_table():
                 cells.append(f"{gb:.0f} {'fits' if gb <= GPU_GB - HEADROOM_GB else 'no'}")
             print(f"| {shape} | {P / 1e9:.2f}B | " + " | ".join(cells) + " |")
     print("\nBytes/param per GPU: plain 16 + 2 (bf16 ref) + 2 (decode copy), +2 autocast casts in the update; "
-          "FSDP 16/N + 2, +4 +2 while rollouts hold the gathered copy and its casts; offload 0 + 2, +4 +2 gathered "
-          "(the 16 live in host RAM: 16/N per rank).")
+          "FSDP 16/N + 2 + 2 (decode copy; its embedding table 4), + two gathered layers in the update; offload "
+          "0 + 2 + 2 (the 16 live in host RAM: 16/N per rank).")
     print("plain x N is the hand data-parallel path: full states on every GPU, KV cache for rows / N.")
 
 
@@ -251,9 +252,10 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--rollout-rows", type=int, default=0, help="train.py's --rollout-rows (0: all rows at once)")
     p.add_argument("--fsdp", action="store_true")
     p.add_argument("--offload", action="store_true")
-    p.add_argument("--gather-bench", action="store_true", help="with --fsdp: time the two ways to gather for rollouts")
+    p.add_argument("--gather-bench", action="store_true", help="with --fsdp: time rollouts from the decode copy against the sharded model's own")
     p.add_argument("--memory-table", action="store_true")
     a = p.parse_args(argv)
     if a.memory_table:
