@@ -14,26 +14,26 @@ Two ways through the same loop:
 - plain (default): a DynamicCache that grows by one position a step; the mask grows with it.
 - static_cache=True: a cache and a mask preallocated at their final length, so every decode step
   has the same shapes. That is what `compile=True` needs (torch.compile of the decode forward; on
-  CUDA in "reduce-overhead" mode, i.e. CUDA graphs; on CPU the linear layers also run through
+  CUDA in "reduce-overhead" mode, i.e. CUDA graphs; on CPU the linear layers may also run through
   oneDNN, see `onednn_linears`). The plain path is the one to read first.
 
 What a compiled GPU decode step should cost: one read of the weights (2 bytes/parameter in bf16),
-the bandwidth floor bench/rollout.py measures against. Two things kept it far above that:
-- autocast over fp32 master weights (train.py on GPU): a compiled graph has no autocast cache, so
-  it re-cast every weight at every step (read 4 + write 2 + read 2 bytes/parameter). The compiled
-  path samples from `low_precision_copy(model)` instead, refreshed from the master at each call.
-- a host sync per step to ask whether every row has finished: the CPU waits for the GPU and the
-  GPU then idles while the next step is launched. On GPU the loop asks every 16 steps.
+the bandwidth floor bench/rollout.py measures against. Three things kept it far above that, each
+removed (see `sampling_model`): autocast re-casting every fp32 master weight inside the graph at
+every step, transformers expanding the KV cache per query head inside the graph, and a host sync
+per step to ask whether every row has finished (on GPU the loop now asks every 16 steps).
 
 The caller should put the model in eval mode (dropout off); `sample` leaves train/eval alone.
 """
 from contextlib import contextmanager
 import copy
 from dataclasses import dataclass
+import time
 import types
 import weakref
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import StaticCache
 
 
@@ -105,12 +105,12 @@ def sample(model, input_ids, attention_mask, max_new_tokens, temperature=1.0, to
 
     eos_token_id: an int, a list of ints (chat models end turns with several), or None (never stop
     early). static_cache: preallocated cache and mask (fixed shapes); compile: torch.compile the
-    decode step (implies static_cache; on CPU also oneDNN linears). Every path gives the same
-    tokens for the same seed, up to float rounding (attention over the padded static cache, oneDNN's
-    summation order), which can flip a near-tie between two tokens. The compiled step is specialised
-    to its shapes: each new (batch, prompt length + max_new_tokens) compiles again, so pad prompts
-    to a few fixed lengths before a long run on this path. Under autocast the compiled path samples
-    from `low_precision_copy(model)`, which computes the same numbers (see `sampling_model`).
+    decode step (implies static_cache; on CPU also oneDNN linears where they are faster), run on
+    the model's `decode_copy` (see `sampling_model`). Every path gives the same tokens for the same
+    seed, up to float rounding (attention over the padded static cache, oneDNN's summation order),
+    which can flip a near-tie between two tokens. The compiled step is specialised to its shapes:
+    each new (batch, prompt length + max_new_tokens) compiles again, so pad prompts to a few fixed
+    lengths before a long run on this path.
     check_every: decode steps between checks that every row has finished (each check is a host sync).
     None: 1 on CPU, where a sync costs nothing; 16 on GPU. Steps run after the last EOS are cut off:
     the result is the same, only the generator has drawn for them.
@@ -135,8 +135,8 @@ def sample(model, input_ids, attention_mask, max_new_tokens, temperature=1.0, to
     # grows by one position a step. Static: allocated once at the final length.
     cache = StaticCache(config=model.config, max_cache_len=L) if static_cache else None
     forward = _decode_forward(model, compile)
-    # compile: on CPU the linears run through oneDNN for the whole call (prefill and decode).
-    with onednn_linears(model, enabled=compile):
+    # compile: on CPU the linears may run through oneDNN for the whole call (prefill and decode).
+    with onednn_linears(model, enabled=compile and onednn_pays(model, B)):
         # Positions count real tokens only, so left padding does not shift them (pad slots get 0 and
         # are masked anyway). A static cache takes the full-length mask: zeros past the prompt.
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P)
@@ -200,7 +200,7 @@ def sampling_model(model, compile):
     """The module to sample from: `model` on the plain path; on the compiled path its `decode_copy`,
     made once per model and refreshed at every call (the master changes between calls, never within).
 
-    Two things the compiled decode step would otherwise do at every token, that eager code does not:
+    Two things the compiled decode step would otherwise do at every token that eager code does not:
     - under autocast (fp32 master weights, bf16 compute: train.py on GPU) re-cast every Linear weight.
       Eager autocast caches the casts of parameters for the call; a compiled graph has no such cache.
       The copy keeps those weights in the autocast dtype (2 bytes per Linear parameter, kept).
@@ -266,8 +266,8 @@ def packed_gqa_attention(module, query, key, value, attention_mask, scaling=None
     if q != 1 or G == 1 or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
-    out = torch.nn.functional.scaled_dot_product_attention(query.reshape(B, H // G, G, D), key, value,
-                                                           attn_mask=attention_mask, scale=scaling)  # (B, KV, G, D)
+    out = F.scaled_dot_product_attention(query.reshape(B, H // G, G, D), key, value, attn_mask=attention_mask,
+                                         scale=scaling)  # (B, KV, G, D)
     return out.reshape(B, H, 1, D).transpose(1, 2).contiguous(), None
 
 
@@ -288,11 +288,12 @@ _register_attention()
 # A decode step multiplies a few rows (the batch) by every weight matrix of the model. For such
 # skinny fp32 matmuls the BLAS call behind F.linear on CPU (MKL) can be far slower than oneDNN, the
 # library inductor itself uses for CPU inference: 2.4x on the 32k-vocabulary output layer of the
-# bench model, on the AMD CPU we measured (bench/rollout.py prints both for the machine at hand).
-# Inductor only does that for frozen weights, and a policy's weights change every step, so the
-# compiled path routes nn.Linear through oneDNN itself, with the live weights. A custom op, so
-# torch.compile keeps it as one opaque call (inductor's own lowering of the oneDNN op wants frozen
-# weights).
+# bench model, on an AMD EPYC. On an Intel Xeon it was the other way round (oneDNN 0.35x-0.97x), so
+# the compiled path times both once per shape (`onednn_pays`) and routes nn.Linear through oneDNN,
+# with the live weights, only where it wins (bench/rollout.py prints both for the machine at hand).
+# Inductor only does that for frozen weights, and a policy's weights change every step. A custom
+# op, so torch.compile keeps it as one opaque call (inductor's own lowering of the oneDNN op wants
+# frozen weights).
 @torch.library.custom_op("grace::onednn_linear", mutates_args=())
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear(x, weight, bias) computed by oneDNN (CPU, no autograd). x: (..., in) -> (..., out)."""
@@ -325,3 +326,31 @@ def onednn_linears(model, enabled=True):
     finally:
         for m in linears:
             del m.forward  # the class's forward again
+
+
+_verdicts = {}  # (rows, out, in) -> whether oneDNN beat F.linear on this machine
+
+
+def onednn_pays(model, rows):
+    """Whether oneDNN is faster than F.linear here for `rows` rows times the model's largest fp32 CPU
+    Linear weight (the output head, most of a small model's decode step): timed once per shape."""
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"
+               and m.weight.dtype == torch.float32]
+    if not linears or not torch.backends.mkldnn.is_available():
+        return False
+    weight = max(linears, key=lambda m: m.weight.numel()).weight.detach()
+    key = (rows, *weight.shape)
+    if key not in _verdicts:
+        x = torch.randn(rows, weight.size(1))
+
+        def best_of(fn, n=5):
+            fn(), fn()  # warm-up
+            times = []
+            for _ in range(n):
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+            return min(times)
+
+        _verdicts[key] = best_of(lambda: onednn_linear(x, weight, None)) < 0.9 * best_of(lambda: F.linear(x, weight))
+    return _verdicts[key]

@@ -7,16 +7,17 @@ HF, ...) so drift in machine load hits both alike; the median of the pairs is re
 reference is plain `generate` (its default DynamicCache) for every row of the table. On a CUDA
 machine, GPU rows follow (bf16, larger batch and longer rollouts, static cache + CUDA graphs).
 
-The compiled CPU path routes nn.Linear through oneDNN (`rollout.onednn_linears`); the row "static +
-oneDNN" isolates that change without torch.compile, and a second table times the two matmul
-libraries alone on the shapes of one decode step, on this machine.
+The compiled CPU path may route nn.Linear through oneDNN (`rollout.onednn_linears`, where
+`rollout.onednn_pays` times it faster); the row "static + oneDNN" isolates that change without
+torch.compile, and a second table times the two matmul libraries alone on the shapes of one decode
+step, on this machine.
 
-The last table sets each decode step against its floor: the time to read the weights once at the
-bandwidth this machine reaches (a large copy, timed in the same run). bf16 weights, plain and
-compiled; then fp32 master weights under bf16 autocast (how train.py samples on GPU), compiled,
-with the weights re-cast inside every step (what the compiled graph did before) and from
-`rollout.low_precision_copy` (what it does now). On CPU a small model at batch 16; on a GPU the
-Qwen2.5-1.5B shape at batch 128 (--floor-only runs just that table).
+The last table sets each decode step against its floor: the time to read the bf16 weights once at
+the bandwidth this machine reaches (a large copy, timed in the same run). Models with grouped KV
+heads (8 query heads on 2), bf16 weights and fp32 master weights under bf16 autocast (how train.py
+samples on GPU); each plain, compiled "before" (the model itself: weights re-cast and KV cache
+expanded inside every step) and compiled now (from `rollout.decode_copy`). On CPU a small model at
+batch 16; on a GPU the Qwen2.5-1.5B shape at batch 128 (--floor-only runs just that table).
 """
 import statistics
 import sys
