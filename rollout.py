@@ -81,15 +81,15 @@ def filter_logits(logits, top_k=0, top_p=1.0):
 def next_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """One token per row from last-position logits (B, V) -> (B,) long.
 
-    Always in float32, whatever the model's dtype: bf16 logits are too coarse for a softmax over a
-    large vocabulary. temperature 0 is greedy (argmax, as generate(do_sample=False)). Otherwise
-    torch.multinomial draws with `generator` (a torch.Generator on the logits' device), so a seed
-    gives the same tokens again.
+    Sampling is in float32, whatever the model's dtype: bf16 logits are too coarse for a softmax over
+    a large vocabulary. temperature 0 is greedy (argmax, as generate(do_sample=False)), on the logits
+    as they come: widening to float32 is exact and keeps their order, so it would only cost a pass.
+    Otherwise torch.multinomial draws with `generator` (a torch.Generator on the logits' device), so
+    a seed gives the same tokens again.
     """
-    logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)  # (B, V)
+    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(dim=-1)  # (B, V)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

@@ -358,5 +358,9 @@ def test_top_k_then_top_p():
 
 def test_greedy_on_fixed_logits_and_filter_logits():
     assert empirical(0).eq(torch.eye(len(LOGITS))[int(LOGITS.argmax())].double()).all()
+    # greedy on bf16 logits as they come: the float64 argmax, ties (bf16 has many) to the first index
+    g = torch.Generator().manual_seed(0)
+    coarse = (torch.randn(64, 1000, generator=g) * 2).round().to(torch.bfloat16)  # integers: ties in every row
+    assert torch.equal(rollout.next_token(coarse, temperature=0), coarse.double().argmax(-1))
     out = rollout.filter_logits(torch.tensor([[0.0, 3.0, 1.0, 2.0]]), top_k=2)
     assert torch.isinf(out[0, [0, 2]]).all() and torch.equal(out[0, [1, 3]], torch.tensor([3.0, 2.0]))
