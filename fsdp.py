@@ -83,8 +83,8 @@ def decode_copy(model, device, dtype=None):
     """
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        low = AutoModelForCausalLM.from_config(model.config)
+    with torch.device("meta"):  # fp32 whatever the config says (a checkpoint's config.json often says bf16)
+        low = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
     low.to_empty(device=device).eval().requires_grad_(False)
     if dtype is not None:
         for m in low.modules():

@@ -780,7 +780,8 @@ def build_parser(suppress=False):
 
 # flag: (lowest allowed, highest allowed); every float flag must also be finite
 RANGES = dict(batch_size=(1, 1 << 20), group_size=(1, 1024), mini_batch_size=(1, 1 << 20),
-              micro_batch_size=(1, 1 << 20), rollout_rows=(0, 1 << 20), ppo_epochs=(1, 1000), steps=(1, 1 << 40), epochs=(1, 1 << 20),
+              micro_batch_size=(1, 1 << 20), rollout_rows=(0, 1 << 20), ppo_epochs=(1, 1000), steps=(1, 1 << 40),
+              epochs=(1, 1 << 20),
               max_prompt_tokens=(1, 1 << 20), max_new_tokens=(1, 1 << 20), save_every=(1, 1 << 40),
               keep_last=(1, 1 << 20), eval_pairs=(2, 1 << 30), eval_every=(0, 1 << 40), log_rationales=(0, 1 << 40),
               seed=(0, 2**32 - 1), threads=(1, 1024), top_k=(0, 1 << 30), lr=(0, 1), weight_decay=(0, 1),

@@ -153,8 +153,7 @@ def floor_table(device, batch, prompt, new, pairs, shape=None):
     KV cache expanded inside the graph, see rollout.sampling_model) and compiled now (decode copy)."""
     build = lambda dtype: make_model(device, dtype, shape=shape, kv_heads=2)  # noqa: E731  grouped KV heads, as real models
     bw = bandwidth(device)
-    with torch.device("meta"):
-        meta = build(torch.bfloat16)
+    meta = make_model(torch.device("meta"), torch.bfloat16, shape=shape, kv_heads=2)  # shapes only, no memory
     weights, c = streamed_bytes(meta), meta.config
     kv = batch * (prompt + new) * c.num_hidden_layers * 2 * c.num_key_value_heads * meta.model.layers[0].self_attn.head_dim * 2
     floor_s = weights / bw

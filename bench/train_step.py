@@ -77,7 +77,8 @@ def save_random_model(shape, folder):
 
     tok = policy.build_tiny_tokenizer()
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config(shape, tok))
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # a 4B model initialises in seconds on a GPU
+        model = AutoModelForCausalLM.from_config(config(shape, tok))
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(folder)
     tok.save_pretrained(folder)

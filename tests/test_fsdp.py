@@ -94,3 +94,51 @@ def test_fsdp_flags_need_torchrun_and_each_other(tmp_path):
             train.main([*FAST, "--steps", "1", "--out", str(tmp_path / "x"), *flags])
         assert e.value.code == 2
     assert not (tmp_path / "x").exists()
+
+
+DECODE_COPY_CHECK = r'''
+import copy, sys
+import torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import fsdp, policy
+
+dist.init_process_group("gloo")
+model, tok = policy.load("tiny")
+model.config.dtype = torch.bfloat16  # as a checkpoint's config.json often says: the copy must stay fp32 anyway
+reference = copy.deepcopy(model)  # unsharded, the same weights
+fsdp.shard(model, "cpu")
+low = fsdp.sampler(model, torch.device("cpu"), torch.bfloat16)  # made: fsdp.decode_copy
+assert low.get_output_embeddings().weight is not low.get_input_embeddings().weight  # the head untied
+params = dict(low.named_parameters(remove_duplicate=False))
+linear = {n for n, m in low.named_modules() if type(m) is torch.nn.Linear for n in (n + ".weight", n + ".bias")}
+
+def check(ref):
+    for name, p in ref.named_parameters(remove_duplicate=False):
+        want = p.detach().to(torch.bfloat16 if name in linear else torch.float32)
+        assert params[name].dtype == want.dtype and torch.equal(params[name], want), name
+    ids, mask, _ = policy.build_prompts(tok, ["a short text", "another, longer text to pad"])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # what autocast computes from the master
+        assert torch.equal(low(input_ids=ids, attention_mask=mask).logits, ref(input_ids=ids, attention_mask=mask).logits)
+
+check(reference)
+with torch.no_grad():  # a step's worth of change: the next call must carry it over
+    for p, q in zip(model.parameters(), reference.parameters()):
+        p.mul_(1.5), q.mul_(1.5)
+assert fsdp.sampler(model, torch.device("cpu"), torch.bfloat16) is low  # refreshed in place (compiled graphs keep it)
+check(reference)
+dist.destroy_process_group()
+print("decode copy ok")
+'''
+
+
+def test_fsdp_decode_copy_holds_the_sharded_weights_and_computes_what_autocast_does(tmp_path):
+    """fsdp.decode_copy on 2 gloo ranks: Linear weights in bf16 and the rest fp32 (whatever the config's
+    dtype), bit-identical logits to the unsharded master under bf16 autocast, and refresh carries a
+    change of the sharded weights over."""
+    script = tmp_path / "check.py"
+    script.write_text(DECODE_COPY_CHECK)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(ROOT)]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("decode copy ok") == 2
