@@ -85,13 +85,14 @@ def encode_texts(model, tokenizer, texts, *, batch_size=16, max_new_tokens=DEFAU
                             temperature=temperature, top_p=top_p, system_prompt=system_prompt, max_length=max_length,
                             rationale=rationale, generator=generator, compile=compile)
         out[idx] = enc.embeddings.float().cpu().numpy()
-        ro = enc.rollout
-        n_tokens = (ro.completion_mask.sum(1) - (~ro.truncated).long()).clamp(min=0) if rationale else [0] * len(idx)
-        rats = policy.rationale_texts(tokenizer, ro) if rationale else [""] * len(idx)
+        if rationale:
+            rats, n_tokens, empty = policy.rationale_stats(tokenizer, enc.rollout)
+        else:
+            rats, n_tokens, empty = [""] * len(idx), [0], [0]
         for i, r in zip(idx, rats):
             rationales[i] = r
         for key, value in (("texts", len(idx)), ("tokens", int(sum(n_tokens))), ("cut", int(enc.prompts_cut.sum())),
-                           ("empty", sum(not r.strip() for r in rats) if rationale else 0)):
+                           ("empty", int(sum(empty)))):
             stats[key] = stats.get(key, 0) + value
         bar.update(len(idx))
         bar.set_postfix(rationale=f"{stats['tokens'] / stats['texts']:.0f} tok", refresh=False)

@@ -166,6 +166,16 @@ def rationale_texts(tokenizer, ro):
             for seq, m in zip(ro.sequences, ro.completion_mask)]
 
 
+def rationale_stats(tokenizer, ro):
+    """-> (texts, tokens (B,) long, empty (B,) bool) of every row of a Rollout: its decoded text, the
+    tokens it wrote before its stop token, and whether it is empty: nothing but whitespace once
+    decoded (EOS alone, or special or blank tokens only). Training's metrics and evaluation's
+    summary both count with this."""
+    texts = rationale_texts(tokenizer, ro)
+    tokens = ro.completion_mask.sum(-1) - (~ro.truncated).long()  # a finished row's last token is its EOS
+    return texts, tokens, torch.tensor([not t.strip() for t in texts], dtype=torch.bool)
+
+
 # ----------------------------------------------------------------------------- prompts
 
 def render_prompt(tokenizer, text, system_prompt=DEFAULT_SYSTEM_PROMPT):

@@ -208,13 +208,14 @@ def rl_step(model, ref, tok, opt, batch, args, generator, world):
     model.eval()  # rollouts use the KV cache, which gradient checkpointing (train mode) switches off
     t3 = time.perf_counter()
 
+    rationale_metrics, rationales = rationale_stats(tok, rollouts)
     metrics = dict(reward=rewards.mean().item(), **{f"reward/{k}": v.mean().item() for k, v in parts.items()},
                    adv_abs=adv.abs().mean().item(), adv_std=adv.std(unbiased=False).item(),
-                   **rationale_stats(main), prompts_cut=int(main.prompts_cut.sum() + side.prompts_cut.sum()),
+                   **rationale_metrics, prompts_cut=int(main.prompts_cut.sum() + side.prompts_cut.sum()),
                    t_rollout=t1 - t0, t_score=t2 - t1, t_update=t3 - t2,
                    tokens_per_s=rollouts.completion_mask.sum().item() / (t1 - t0),
                    compilations=rollout.compilations(), **stats, **diagnostics(main.embeddings, parts, G, rollouts))
-    return metrics, (batch[0], policy.rationale_texts(tok, rollouts)[0])
+    return metrics, (batch[0], rationales[0])
 
 
 def update(model, opt, rollouts, adv, old_logp, ref_logp, args, world):
@@ -286,11 +287,12 @@ def contrastive_step(model, ref, tok, opt, batch, args, generator, world):
     model.eval()
     with torch.no_grad():
         accuracy = ((emb[:B] @ emb[B:].T).argmax(-1) == torch.arange(B, device=emb.device)).float().mean().item()
+    rationale_metrics, rationales = rationale_stats(tok, rollouts)
     metrics = dict(loss=loss.item(), accuracy=accuracy, grad_norm=grad_norm, skipped=int(not math.isfinite(grad_norm)),
-                   **rationale_stats(encoded), prompts_cut=int(encoded.prompts_cut.sum()), t_rollout=t1 - t0,
+                   **rationale_metrics, prompts_cut=int(encoded.prompts_cut.sum()), t_rollout=t1 - t0,
                    t_update=time.perf_counter() - t1, tokens_per_s=rollouts.completion_mask.sum().item() / (t1 - t0),
                    cos_between_texts=cos_between_texts(encoded.embeddings[B:2 * B]))
-    return metrics, (batch[0], policy.rationale_texts(tok, rollouts)[B])
+    return metrics, (batch[0], rationales[B])
 
 
 def encode(model, tok, texts, args, **kw):
@@ -314,13 +316,13 @@ def reward_options(args):
 
 # ----------------------------------------------------------------------------- diagnostics
 
-def rationale_stats(enc):
-    """Mean rationale length in tokens (EOS included) and the share of empty ones (nothing before EOS):
-    a policy that learns to write nothing is the first hack to rule out."""
-    cm, ended = enc.rollout.completion_mask, ~enc.rollout.truncated
-    content = cm.sum(-1) - ended.long()  # tokens before EOS
-    return dict(rationale_len=cm.sum(-1).float().mean().item(), empty_frac=(content == 0).float().mean().item(),
-                truncated_frac=enc.rollout.truncated.float().mean().item())
+def rationale_stats(tok, ro):
+    """Mean rationale length (tokens before the stop token) and the shares of empty rationales (a
+    policy that learns to write nothing is the first hack to rule out) and of truncated ones, counted
+    as evaluate.py counts them (policy.rationale_stats). -> (metrics, the decoded rationales)"""
+    texts, tokens, empty = policy.rationale_stats(tok, ro)
+    return dict(rationale_len=tokens.float().mean().item(), empty_frac=empty.float().mean().item(),
+                truncated_frac=ro.truncated.float().mean().item()), texts
 
 
 def cos_between_texts(emb, group_size=1):

@@ -297,3 +297,27 @@ def test_sampling_in_chunks_of_rows_changes_nothing():
         for field in ("sequences", "attention_mask", "completion_mask", "truncated"):
             assert torch.equal(getattr(part.rollout, field), getattr(whole.rollout, field)), (rows, field)
         torch.testing.assert_close(part.embeddings, whole.embeddings, rtol=0, atol=1e-6)
+
+
+def test_rationale_stats_count_tokens_before_eos_and_blank_texts_as_empty():
+    """One definition for training's metrics and evaluation's summary, checked on rollouts built by hand:
+    tokens before the stop token, and empty = nothing but whitespace once decoded."""
+    import rollout
+
+    _, tok = policy.load("tiny-lm")
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    word, blank = tok("hello there", add_special_tokens=False)["input_ids"], tok(" \n ", add_special_tokens=False)["input_ids"]
+    T, prompt = 8, [5, 6]
+    assert 0 < len(word) < T and 0 < len(blank) < T
+    rows = [(word + [eos], False), ([eos], False), (blank + [eos], False), ((word * T)[:T], True)]  # (completion, truncated)
+    seqs = torch.full((len(rows), 2 + T), pad)
+    completion = torch.zeros_like(seqs)
+    for i, (c, _) in enumerate(rows):
+        seqs[i, :2], seqs[i, 2:2 + len(c)], completion[i, 2:2 + len(c)] = torch.tensor(prompt), torch.tensor(c), 1
+    attention = completion.clone()
+    attention[:, :2] = 1
+    ro = rollout.Rollout(seqs, attention, completion, torch.tensor([t for _, t in rows]))
+    texts, tokens, empty = policy.rationale_stats(tok, ro)
+    assert tokens.tolist() == [len(word), 0, len(blank), T]
+    assert empty.tolist() == [False, True, True, False]
+    assert texts[0] == "hello there" and texts[1] == "" and not texts[2].strip()
