@@ -119,15 +119,22 @@ def refresh(low, model):
     return low
 
 
-_copies = weakref.WeakKeyDictionary()  # sharded model -> its decode copy
+_copies = weakref.WeakKeyDictionary()  # sharded model -> [its decode copy, the weights' versions it holds]
 
 
 def sampler(model, device, dtype=None):
-    """The decode copy of `model`: made on the first call, refreshed on every later one (a collective)."""
+    """The decode copy of `model`, made on the first call and refreshed when the sharded weights have
+    changed in place since (an optimizer step, a resume: every in-place write bumps a tensor's version
+    counter, alike on every rank). So the side rollouts of a step and the batches of an STS check
+    gather nothing. A collective."""
     if model not in _copies:
-        _copies[model] = decode_copy(model, device, dtype)
-        return _copies[model]
-    return refresh(_copies[model], model)
+        _copies[model] = [decode_copy(model, device, dtype), None]
+    entry = _copies[model]
+    versions = [p._version for p in model.parameters()]
+    if entry[1] is not None and entry[1] != versions:
+        refresh(entry[0], model)
+    entry[1] = [p._version for p in model.parameters()]
+    return entry[0]
 
 
 def units(model):

@@ -119,11 +119,12 @@ def gather_bench(model, tok, args, world, new=16, repeats=3):
             times.append(time.perf_counter() - t)
         return statistics.median(times)
 
-    copy = timed(lambda: fsdp.sampler(model, args.device))
+    low = fsdp.sampler(model, args.device)
+    copy = timed(lambda: low, before=lambda: fsdp.refresh(low, model))  # refreshed, as after an optimizer step
     refreshes = []
     for _ in range(repeats):  # the price of the copy: one refresh, a unit at a time
         t = time.perf_counter()
-        fsdp.sampler(model, args.device)
+        fsdp.refresh(low, model)
         refreshes.append(time.perf_counter() - t)
     once = timed(lambda: model, before=lambda: fsdp.reshard(model))
     switch, fsdp._switch = fsdp._switch, lambda *a, **k: None  # every unit gathers and frees itself per forward
