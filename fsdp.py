@@ -119,22 +119,18 @@ def refresh(low, model):
     return low
 
 
-_copies = weakref.WeakKeyDictionary()  # sharded model -> [its decode copy, the weights' versions it holds]
+_copies = weakref.WeakKeyDictionary()  # sharded model -> its decode copy
 
 
-def sampler(model, device, dtype=None):
-    """The decode copy of `model`, made on the first call and refreshed when the sharded weights have
-    changed in place since (an optimizer step, a resume: every in-place write bumps a tensor's version
-    counter, alike on every rank). So the side rollouts of a step and the batches of an STS check
-    gather nothing. A collective."""
+def sampler(model, device, dtype=None, stale=True):
+    """The decode copy of `model`: made on the first call, refreshed on a later one if `stale` (the
+    weights may have changed since: an optimizer step came in between; the side rollouts of a step
+    and the later batches of an STS check pass False). A collective."""
     if model not in _copies:
-        _copies[model] = [decode_copy(model, device, dtype), None]
-    entry = _copies[model]
-    versions = [p._version for p in model.parameters()]
-    if entry[1] is not None and entry[1] != versions:
-        refresh(entry[0], model)
-    entry[1] = [p._version for p in model.parameters()]
-    return entry[0]
+        _copies[model] = decode_copy(model, device, dtype)
+    elif stale:
+        refresh(_copies[model], model)
+    return _copies[model]
 
 
 def units(model):

@@ -216,7 +216,7 @@ def sampling_model(model, compile):
     if model not in _copies or _copies[model][0] != dtype:
         _copies[model] = (dtype, *decode_copy(model, dtype))
     _, low, pairs = _copies[model]
-    with torch.no_grad():
+    with torch.no_grad():  # every call: a cast of the weights once, against one read of them per decoded token
         for copy_linear, master in pairs:
             copy_linear.weight.copy_(master.weight)
             if copy_linear.bias is not None:

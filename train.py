@@ -181,7 +181,7 @@ def rl_step(model, ref, tok, opt, batch, args, generator, world):
     main = encode(model, tok, texts, args, n=G, temperature=args.temperature, generator=generator,
                   logprob_temperature=None if on_policy else args.temperature)
     sides = [r["query"] for r in batch] + [r["negative"] for r in batch] if supervised else texts
-    side = encode(model, tok, sides, args, n=1, temperature=args.side_temperature, generator=generator)
+    side = encode(model, tok, sides, args, n=1, temperature=args.side_temperature, generator=generator, stale=False)
     q = side.embeddings[:len(batch)].repeat_interleave(G, 0)  # (N, H): each group's query on its G rows
     neg = side.embeddings[len(batch):].repeat_interleave(G, 0) if supervised else None
     t1 = time.perf_counter()
@@ -295,12 +295,13 @@ def contrastive_step(model, ref, tok, opt, batch, args, generator, world):
     return metrics, (batch[0], rationales[B])
 
 
-def encode(model, tok, texts, args, **kw):
+def encode(model, tok, texts, args, stale=True, **kw):
     """policy.encode with this run's rollout settings (prompt limit, length, nucleus, compile, chunking).
-    --fsdp: rationales are sampled from fsdp's decode copy (refreshed here: a collective), bf16 Linears on GPU."""
+    --fsdp: rationales are sampled from fsdp's decode copy, bf16 Linears on GPU, refreshed unless the
+    caller says no optimizer step came since the last call (stale=False; a collective either way)."""
     sampler = None
     if args.fsdp:
-        sampler = fsdp.sampler(model, args.device, torch.bfloat16 if args.device.startswith("cuda") else None)
+        sampler = fsdp.sampler(model, args.device, torch.bfloat16 if args.device.startswith("cuda") else None, stale)
     return policy.encode(model, tok, texts, max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k,
                          max_length=args.max_prompt_tokens, compile=args.compile == "on",
                          chunk_rows=args.micro_batch_size * args.group_size, sample_rows=args.rollout_rows or None,
@@ -355,7 +356,7 @@ def sts_spearman(model, tok, pairs, args):
     """Spearman of cos(h1, h2) against the gold scores, greedy rationales through policy.encode: a quick
     in-training check (evaluate.py is the real evaluation)."""
     texts = [p[0] for p in pairs] + [p[1] for p in pairs]
-    e = torch.cat([encode(model, tok, texts[s:s + 32], args, temperature=0.0).embeddings
+    e = torch.cat([encode(model, tok, texts[s:s + 32], args, temperature=0.0, stale=s == 0).embeddings
                    for s in range(0, len(texts), 32)]).double().cpu()
     return spearman((e[:len(pairs)] * e[len(pairs):]).sum(-1), torch.tensor([p[2] for p in pairs]))
 
