@@ -88,11 +88,11 @@ def encode_texts(model, tokenizer, texts, *, batch_size=16, max_new_tokens=DEFAU
         if rationale:
             rats, n_tokens, empty = policy.rationale_stats(tokenizer, enc.rollout)
         else:
-            rats, n_tokens, empty = [""] * len(idx), [0], [0]
+            rats, n_tokens, empty = [""] * len(idx), torch.zeros(1), torch.zeros(1)
         for i, r in zip(idx, rats):
             rationales[i] = r
-        for key, value in (("texts", len(idx)), ("tokens", int(sum(n_tokens))), ("cut", int(enc.prompts_cut.sum())),
-                           ("empty", int(sum(empty)))):
+        for key, value in (("texts", len(idx)), ("tokens", int(n_tokens.sum())), ("cut", int(enc.prompts_cut.sum())),
+                           ("empty", int(empty.sum()))):
             stats[key] = stats.get(key, 0) + value
         bar.update(len(idx))
         bar.set_postfix(rationale=f"{stats['tokens'] / stats['texts']:.0f} tok", refresh=False)

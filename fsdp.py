@@ -17,8 +17,9 @@ every layer T times (T = 2048 in the release: 2048 x the model's bytes through t
 batch), ranks whose rollouts stop at different steps would issue different numbers of collectives
 and hang, and FSDP's hooks cannot be traced by torch.compile. So every rank keeps a `decode_copy`: a
 plain, unsharded, hook-free model with the same weights (Linear weights in bf16 on GPU, the dtype
-autocast computes them in, 2 B/param; the rest, mostly the embedding table, fp32), refreshed at each
-rollout call by gathering one unit at a time. Rollouts, compiled or not, run on the copy.
+autocast computes them in, 2 B/param; the rest, mostly the embedding table, fp32), refreshed by
+gathering one unit at a time at the first rollout call after each optimizer step (`sampler`).
+Rollouts, compiled or not, run on the copy.
 
 policy.token_logprobs / hidden_states call `model.base_model(...)` and then the output head
 directly, around the root module's forward, where FSDP's root hooks live. A forward pre-hook on the
@@ -33,6 +34,7 @@ Every rank runs the same sequence of encode / update calls, so the collectives m
 reference is not sharded (see train.load_models). Checkpoints gather full state dicts to rank 0
 (`full_state_dict`) and stay plain from_pretrained folders.
 """
+import copy
 import weakref
 
 import torch
@@ -78,13 +80,15 @@ def decode_copy(model, device, dtype=None):
     """A plain copy of the sharded model to sample rollouts from; a collective (every rank calls it).
 
     Built from the model's config (no weights read from disk), its nn.Linear weights in `dtype` (the
-    autocast dtype on GPU: what autocast would compute them in; None keeps fp32) and untied from the
-    embedding, everything else in fp32, filled by `refresh`. -> the copy (eval mode, no gradients).
+    autocast dtype on GPU: what autocast would compute them in; a tied head then gets its own; None
+    keeps fp32), everything else in fp32, filled by `refresh`. -> the copy (eval mode, no gradients).
     """
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):  # fp32 whatever the config says (a checkpoint's config.json often says bf16)
-        low = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    # fp32 whatever the config says (a checkpoint's config.json often says bf16); from_config keeps
+    # (and sets the dtype of) the config it is given, so it gets its own
+    with torch.device("meta"):
+        low = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), dtype=torch.float32)
     low.to_empty(device=device).eval().requires_grad_(False)
     if dtype is not None:
         for m in low.modules():

@@ -138,7 +138,7 @@ def encode(model, tokenizer, texts, *, n=1, max_new_tokens=256, temperature=0.0,
                                           pad_to=PROMPT_BUCKET if compile else 1)
     ids, mask, start = (x.repeat_interleave(n, 0).to(device) for x in (ids, mask, start))  # (B*n, P)
     if rationale:
-        step = sample_rows or len(ids)
+        step = sample_rows or max(len(ids), 1)
         with autocast(device):  # bf16 on GPU, as the scoring forwards that follow
             ro = rollout.concat([rollout.sample(sampler, ids[s:s + step], mask[s:s + step], max_new_tokens,
                                                 temperature=temperature, top_p=top_p, top_k=top_k,
@@ -300,7 +300,8 @@ def _check_output_logits(model, sequences, attention_mask):
     ids = sequences[0][attention_mask[0].bool()][None, :16]  # a few real tokens of one row, no padding
     mask = torch.ones_like(ids)
     with torch.no_grad(), autocast(sequences.device):
-        full = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from(mask)).logits.float()
+        full = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from(mask),
+                     use_cache=False).logits.float()  # (one forward, no cache: FSDP need not gather it all)
         ours = output_logits(model, hidden_states(model, ids, mask)).float()
     if not torch.allclose(ours, full, rtol=1e-2, atol=1e-3 * (1 + full.abs().max().item())):
         raise NotImplementedError(f"{type(model).__name__} post-processes its logits in a way policy.output_logits "

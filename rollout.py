@@ -113,10 +113,10 @@ def sample(model, input_ids, attention_mask, max_new_tokens, temperature=1.0, to
     lengths before a long run on this path.
     check_every: decode steps between checks that every row has finished (each check is a host sync).
     None: 1 on CPU, where a sync costs nothing; 16 on GPU. Steps run after the last EOS are cut off:
-    the result is the same, only the generator has drawn for them.
+    this call's result is the same, but the generator has drawn for them (later draws differ).
     """
     static_cache = static_cache or compile
-    model = sampling_model(model, compile)
+    model, forward = sampling_model(model, compile)  # forward: the decode step, compiled or not
     check_every = check_every or (1 if input_ids.device.type == "cpu" else 16)
     B, P = input_ids.shape
     device = input_ids.device
@@ -134,7 +134,6 @@ def sample(model, input_ids, attention_mask, max_new_tokens, temperature=1.0, to
     # Plain: cache=None lets the model make its own DynamicCache (returned as out.cache), which
     # grows by one position a step. Static: allocated once at the final length.
     cache = StaticCache(config=model.config, max_cache_len=L) if static_cache else None
-    forward = _decode_forward(model, compile)
     # compile: on CPU the linears may run through oneDNN for the whole call (prefill and decode).
     with onednn_linears(model, enabled=compile and onednn_pays(model, B)):
         # Positions count real tokens only, so left padding does not shift them (pad slots get 0 and
@@ -179,26 +178,12 @@ def compilations():
     return int(counters["stats"]["unique_graphs"])
 
 
-_compiled = weakref.WeakKeyDictionary()  # model -> compiled forward, so a second call does not recompile
-
-
-def _decode_forward(model, compile):
-    if not compile:
-        return model
-    if model not in _compiled:
-        cuda = next(model.parameters()).device.type == "cuda"
-        # On GPU "reduce-overhead" records the fixed-shape decode step as a CUDA graph: one launch
-        # per step instead of hundreds of small kernels. On CPU inductor's default mode fuses ops.
-        _compiled[model] = torch.compile(model, mode="reduce-overhead" if cuda else "default",
-                                         fullgraph=True, dynamic=False)
-    return _compiled[model]
-
-
 # ----------------------------------------------------------------------------- the model a compiled step runs
 
 def sampling_model(model, compile):
-    """The module to sample from: `model` on the plain path; on the compiled path its `decode_copy`,
-    made once per model and refreshed at every call (the master changes between calls, never within).
+    """-> (the module to sample from, its decode step): `model` twice on the plain path; on the compiled
+    path its `decode_copy` and that copy compiled, made once per model, the copy refreshed at every
+    call (the master changes between calls, never within).
 
     Two things the compiled decode step would otherwise do at every token that eager code does not:
     - under autocast (fp32 master weights, bf16 compute: train.py on GPU) re-cast every Linear weight.
@@ -210,21 +195,28 @@ def sampling_model(model, compile):
     The copy computes the same numbers as the master (autocast rounds the same weights the same way).
     """
     if not compile:
-        return model
+        return model, model
     device = next(model.parameters()).device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     if model not in _copies or _copies[model][0] != dtype:
-        _copies[model] = (dtype, *decode_copy(model, dtype))
-    _, low, pairs = _copies[model]
+        low, pairs = decode_copy(model, dtype)
+        # On GPU "reduce-overhead" records the fixed-shape decode step as a CUDA graph: one launch per
+        # step instead of hundreds of small kernels. On CPU inductor's default mode fuses ops. Kept
+        # with the copy (it compiles at the first call, once per shape), so both go with the master.
+        step = torch.compile(low, mode="reduce-overhead" if device == "cuda" else "default", fullgraph=True,
+                             dynamic=False)
+        _copies[model] = (dtype, low, pairs, step)
+    _, low, pairs, step = _copies[model]
     with torch.no_grad():  # every call: a cast of the weights once, against one read of them per decoded token
         for copy_linear, master in pairs:
             copy_linear.weight.copy_(master.weight)
             if copy_linear.bias is not None:
                 copy_linear.bias.copy_(master.bias)
-    return low
+    return low, step
 
 
-_copies = weakref.WeakKeyDictionary()  # model -> (autocast dtype, its decode copy, [(copy's Linear, master's Linear)])
+# model -> (autocast dtype, its decode copy, [(copy's Linear, master's Linear)], the compiled decode step)
+_copies = weakref.WeakKeyDictionary()
 
 
 def decode_copy(model, dtype=None):
@@ -232,8 +224,8 @@ def decode_copy(model, dtype=None):
 
     Every parameter and buffer is the master's own tensor, shared, not copied, except with `dtype`
     (the autocast dtype): then each fp32 nn.Linear's weight and bias get their own `dtype` copy (no
-    gradient), which the pairs say where to refresh from. A tied output head gets its own copy; the
-    embedding stays shared. The copy's config (its own) selects `packed_gqa_attention` when the
+    gradient), which the pairs say where to refresh from; a tied output head gets its own copy and
+    the embedding stays shared. The copy's config (its own) selects `packed_gqa_attention` when the
     master uses sdpa.
     """
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
@@ -254,8 +246,8 @@ def decode_copy(model, dtype=None):
 def packed_gqa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' sdpa attention, with one query token per row run on the key/value heads.
 
-    query (B, H, 1, D), key/value (B, KV, L, D), H = G x KV: the G query heads that share a key/value
-    head become G queries of it, (B, KV, G, D); the padding mask (B, 1, 1, L) broadcasts over them.
+    query (B, H, 1, D), key (B, KV, L, D), value (B, KV, L, Dv), H = G x KV: the G query heads that
+    share a key/value head become G queries of it, (B, KV, G, D); the mask (B, 1, 1, L) broadcasts.
     Anything else (prompts, no grouping, position biases) goes to transformers' own function.
     -> (B, 1, H, D), None, as transformers expects.
     """
@@ -267,8 +259,8 @@ def packed_gqa_attention(module, query, key, value, attention_mask, scaling=None
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     out = F.scaled_dot_product_attention(query.reshape(B, H // G, G, D), key, value, attn_mask=attention_mask,
-                                         scale=scaling)  # (B, KV, G, D)
-    return out.reshape(B, H, 1, D).transpose(1, 2).contiguous(), None
+                                         scale=scaling)  # (B, KV, G, Dv)
+    return out.reshape(B, H, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
 def _register_attention():
@@ -333,15 +325,17 @@ _verdicts = {}  # (rows, out, in) -> whether oneDNN beat F.linear on this machin
 
 def onednn_pays(model, rows):
     """Whether oneDNN is faster than F.linear here for `rows` rows times the model's largest fp32 CPU
-    Linear weight (the output head, most of a small model's decode step): timed once per shape."""
+    Linear weight (the output head, most of a small model's decode step): timed once per shape and
+    process. A timing on a busy machine can go either way, and the two round differently: two runs of
+    the same seed may then part at a near-tie (only `compile=True` on CPU, which is not the default)."""
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"
                and m.weight.dtype == torch.float32]
-    if not linears or not torch.backends.mkldnn.is_available():
-        return False
+    if not linears or not torch.backends.mkldnn.is_available() or torch.is_autocast_enabled("cpu"):
+        return False  # (under autocast onednn_linears routes nothing)
     weight = max(linears, key=lambda m: m.weight.numel()).weight.detach()
     key = (rows, *weight.shape)
     if key not in _verdicts:
-        x = torch.randn(rows, weight.size(1))
+        x = torch.randn(rows, weight.size(1), generator=torch.Generator().manual_seed(0))  # not the global RNG
 
         def best_of(fn, n=5):
             fn(), fn()  # warm-up

@@ -35,8 +35,9 @@ Deviations from the authors' release, on purpose:
 Precision: float32 master weights, gradients and AdamW state; on CUDA every forward (rollouts,
 embeddings, log-probs) runs under bf16 autocast (policy.autocast), and the frozen reference is kept in
 bf16 (it never steps). Compiled rollouts run on a decode copy with bf16 Linear weights, refreshed from
-the master at each rollout call: the numbers autocast computes, without re-casting every weight at
-every token (rollout.sampling_model; under --fsdp, fsdp.decode_copy). CPU runs are float32 throughout.
+the master: the numbers autocast computes, without re-casting every weight at every token
+(rollout.sampling_model). Under --fsdp every rollout runs on fsdp.decode_copy, a plain copy of the
+sharded weights. CPU runs are float32 throughout.
 
 Reading order: the math (pure functions), one step (a staged pipeline), the loop, then plumbing
 (distributed setup, resume, checkpoints, the CLI) at the bottom.
@@ -208,10 +209,10 @@ def rl_step(model, ref, tok, opt, batch, args, generator, world):
     model.eval()  # rollouts use the KV cache, which gradient checkpointing (train mode) switches off
     t3 = time.perf_counter()
 
-    rationale_metrics, rationales = rationale_stats(tok, rollouts)
+    about_rationales, rationales = rationale_metrics(tok, rollouts)
     metrics = dict(reward=rewards.mean().item(), **{f"reward/{k}": v.mean().item() for k, v in parts.items()},
                    adv_abs=adv.abs().mean().item(), adv_std=adv.std(unbiased=False).item(),
-                   **rationale_metrics, prompts_cut=int(main.prompts_cut.sum() + side.prompts_cut.sum()),
+                   **about_rationales, prompts_cut=int(main.prompts_cut.sum() + side.prompts_cut.sum()),
                    t_rollout=t1 - t0, t_score=t2 - t1, t_update=t3 - t2,
                    tokens_per_s=rollouts.completion_mask.sum().item() / (t1 - t0),
                    compilations=rollout.compilations(), **stats, **diagnostics(main.embeddings, parts, G, rollouts))
@@ -287,9 +288,9 @@ def contrastive_step(model, ref, tok, opt, batch, args, generator, world):
     model.eval()
     with torch.no_grad():
         accuracy = ((emb[:B] @ emb[B:].T).argmax(-1) == torch.arange(B, device=emb.device)).float().mean().item()
-    rationale_metrics, rationales = rationale_stats(tok, rollouts)
+    about_rationales, rationales = rationale_metrics(tok, rollouts)
     metrics = dict(loss=loss.item(), accuracy=accuracy, grad_norm=grad_norm, skipped=int(not math.isfinite(grad_norm)),
-                   **rationale_metrics, prompts_cut=int(encoded.prompts_cut.sum()), t_rollout=t1 - t0,
+                   **about_rationales, prompts_cut=int(encoded.prompts_cut.sum()), t_rollout=t1 - t0,
                    t_update=time.perf_counter() - t1, tokens_per_s=rollouts.completion_mask.sum().item() / (t1 - t0),
                    cos_between_texts=cos_between_texts(encoded.embeddings[B:2 * B]))
     return metrics, (batch[0], rationales[B])
@@ -317,7 +318,7 @@ def reward_options(args):
 
 # ----------------------------------------------------------------------------- diagnostics
 
-def rationale_stats(tok, ro):
+def rationale_metrics(tok, ro):
     """Mean rationale length (tokens before the stop token) and the shares of empty rationales (a
     policy that learns to write nothing is the first hack to rule out) and of truncated ones, counted
     as evaluate.py counts them (policy.rationale_stats). -> (metrics, the decoded rationales)"""
@@ -730,7 +731,8 @@ def build_parser(suppress=False):
     a("--top-p", type=float, default=1.0, help="nucleus of the main rollouts (log-probs are scored unfiltered)")
     a("--top-k", type=int, default=0, help="top-k of the main rollouts, 0 = off (log-probs are scored unfiltered)")
     a("--rollout-rows", type=int, default=0, help="rationales sampled at once per rank, 0 = all; bounds the KV "
-      "cache (rows x (prompt + new tokens) per layer), which at the release's batch outgrows a 3-4B model")
+      "cache (rows x (prompt + new tokens) per layer), which at the release's batch outgrows a 3-4B model; "
+      "compiled, a shorter last chunk compiles once more: pick a divisor of the rows per rank")
     a("--compile", default="auto", choices=["auto", "on", "off"],
       help="static-cache + torch.compile sampler with bucketed prompt widths; auto = on for CUDA, off on CPU")
     a = group("reward")

@@ -157,7 +157,15 @@ def floor_table(device, batch, prompt, new, pairs, shape=None):
     weights, c = streamed_bytes(meta), meta.config
     kv = batch * (prompt + new) * c.num_hidden_layers * 2 * c.num_key_value_heads * meta.model.layers[0].self_attn.head_dim * 2
     floor_s = weights / bw
-    before = mock.patch.object(rollout, "sampling_model", lambda model, compile: model)
+    steps = {}  # the old compiled path: the model itself compiled, once per model
+
+    def as_before(model, compile):
+        if compile and model not in steps:
+            steps[model] = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else "default",
+                                         fullgraph=True, dynamic=False)
+        return model, steps[model] if compile else model
+
+    before = mock.patch.object(rollout, "sampling_model", as_before)
     rows = []
     for dtype, autocast in [(torch.bfloat16, False), (torch.float32, True)]:
         model = build(dtype)
@@ -177,6 +185,7 @@ def floor_table(device, batch, prompt, new, pairs, shape=None):
             print(f"  done {device.type} {rows[-1][0]}", file=sys.stderr, flush=True)
             torch._dynamo.reset()
         rollout._copies.clear()
+        steps.clear()
     print(f"\n{device.type}: {shape or 'hidden 256 x 4 layers, 8 heads on 2 KV heads, vocab 32000'}, batch {batch},"
           f" prompt {prompt}, {new} new tokens, greedy, median of {pairs}; floor = {weights / 1e9:.3f} GB of bf16"
           f" weights per step at {bw / 1e9:.0f} GB/s (a copy, timed) = {floor_s * 1e3:.3f} ms (a compiled step also"

@@ -16,6 +16,7 @@ CPU the process's peak RSS, which only grows (the second mode's number includes 
 what train.py does) against the sharded model gathered once, and gathered per layer at every step.
 """
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -60,14 +61,17 @@ def config(shape, tokenizer):
 
 
 def parameter_count(shape):
-    """-> (parameters, of which the output head, in nn.Linear layers: what autocast casts and the decode copy holds)."""
+    """-> (parameters (a tied head counted once), of which the output head, in nn.Linear layers (what
+    autocast casts and a decode copy holds in bf16), and what an untied fp32 decode copy keeps besides:
+    norms, and the embedding table even when the head is tied to it)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config(shape, policy.build_tiny_tokenizer()))
-    head = model.get_output_embeddings().weight
+    head, embedding = model.get_output_embeddings().weight, model.get_input_embeddings().weight
     linear = sum(p.numel() for m in model.modules() if type(m) is torch.nn.Linear for p in m.parameters())
-    return sum(p.numel() for p in model.parameters()), head.numel(), linear  # (tied: counted once)
+    P = sum(p.numel() for p in model.parameters())
+    return P, head.numel(), linear, P - linear + (embedding.numel() if head is embedding else 0)
 
 
 # ----------------------------------------------------------------------------- the timed step
@@ -161,6 +165,10 @@ def bench(a):
             torch.distributed.barrier()
         rows = {}
         for mode in a.compile.split(","):
+            model = None  # free the previous mode's model (and its decode copy) before loading the next
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             rows[mode], model, tok, args = one_mode(folder, mode, opts, rank, world, a.steps)
         gathered = gather_bench(model, tok, args, world) if a.gather_bench and a.fsdp else None
         if world > 1:
@@ -202,7 +210,7 @@ def memory_gb(shape, mode, n, rollout_rows=0):
     fp32 input (L x tokens x H x 4), one layer's recompute (tokens x (4H + 3I) x 2 bytes), the fp32
     last hidden states, and fp32 logits for 1024 scored tokens (x3: logits, log-softmax, grad)."""
     c = SHAPES[shape]
-    P, head, linear = parameter_count(shape)
+    P, head, linear, rest = parameter_count(shape)
     L, H, I, V = c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"], c["vocab_size"]
     head_dim = c.get("head_dim", H // c["num_attention_heads"])
     tokens = PROMPT + NEW
@@ -213,7 +221,7 @@ def memory_gb(shape, mode, n, rollout_rows=0):
     layer = (P - head) / L
     states = {"plain": 16 * P, "fsdp": 16 * P / n, "offload": 0}[mode]
     ref = 2 * P
-    copy = 2 * linear + (0 if mode == "plain" else 4 * (P - linear))  # kept through the update
+    copy = 2 * linear + (0 if mode == "plain" else 4 * rest)  # kept through the update
     gathered = 0 if mode == "plain" else (4 + 2) * (head + 2 * layer)  # fp32 + autocast's casts
     rollout_phase = states + ref + copy + kv
     update_phase = states + ref + copy + 2 * linear * (mode == "plain") + gathered + act

@@ -254,7 +254,7 @@ def test_compiled_path_under_autocast_samples_from_a_fresh_copy():
 
     compiled, plain = both()
     assert torch.equal(compiled, plain)
-    dtype, low, pairs = rollout._copies[model]
+    dtype, low, pairs, _ = rollout._copies[model]
     assert dtype == torch.bfloat16 and pairs
     with torch.no_grad():
         for m in model.modules():
@@ -264,6 +264,20 @@ def test_compiled_path_under_autocast_samples_from_a_fresh_copy():
     assert rollout._copies[model][1] is low  # the same copy (a compiled graph keeps its addresses)
     assert all(torch.equal(c.weight, m.weight.to(torch.bfloat16)) for c, m in pairs)
     assert not torch.equal(plain_changed, plain) and torch.equal(changed, plain_changed)
+
+
+def test_decode_copy_and_its_compiled_step_go_with_the_master():
+    """The copy and its compiled step are held for the master only: gone once the master is."""
+    import gc
+    import weakref
+
+    model = make_arch_model("qwen2")
+    low, step = rollout.sampling_model(model, compile=True)
+    assert low is not model and step is not low and rollout.sampling_model(model, compile=True) == (low, step)
+    copy_ref, step_ref = weakref.ref(low), weakref.ref(step)
+    del model, low, step
+    gc.collect()
+    assert copy_ref() is None and step_ref() is None
 
 
 # ----------------------------------------------------------------------------- the distribution
