@@ -138,8 +138,7 @@ class GraceEncoder:
         if device is None:  # under torchrun, each rank its own GPU
             device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
         if model is None:
-            dtype = torch.bfloat16 if torch.device(device).type == "cuda" else None  # bf16 on GPU, fp32 on CPU
-            model, tokenizer = policy.load(model_name_or_path, device=device, dtype=dtype)
+            model, tokenizer = policy.load(model_name_or_path, device=device, dtype=policy.low_precision(device))
         self.model, self.tokenizer = model.eval(), tokenizer
         try:  # the template alone must fit max_length: fail now, not in the middle of a task
             policy.build_prompts(tokenizer, ["x"], system_prompt, max_length)

@@ -247,10 +247,17 @@ def position_ids_from(attention_mask):
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def low_precision(device):
+    """The dtype computation runs in on `device`: bf16 on GPU, None (float32) elsewhere. autocast uses
+    it; so do the models kept in it (the frozen reference, evaluation's weights, fsdp's decode copy)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else None
+
+
 def autocast(device):
     """bf16 autocast on GPU (fast; the fp32 master weights are kept), plain fp32 elsewhere. Every
     forward of training runs under it, rollouts included, so sampling and scoring see the same numerics."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+    dtype = low_precision(device)
+    return torch.autocast("cuda", dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 def hidden_states(model, sequences, attention_mask):

@@ -306,11 +306,7 @@ def onednn_linears(model, enabled=True):
     """Within the block, every plain fp32 CPU nn.Linear of `model` runs through `onednn_linear`.
     Same weights, same math, rounded differently; restored on exit, so training is untouched.
     Modules whose forward someone else already replaced (hooks, adapters) are left alone."""
-    linears = []
-    # the plain path walks no modules at all; under autocast the custom op would get mixed dtypes
-    if enabled and torch.backends.mkldnn.is_available() and not torch.is_autocast_enabled("cpu"):
-        linears = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in vars(m)
-                   and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
+    linears = _routable_linears(model) if enabled else []  # the plain path walks no modules at all
     for m in linears:
         m.forward = types.MethodType(_onednn_forward, m)
     try:
@@ -328,10 +324,9 @@ def onednn_pays(model, rows):
     Linear weight (the output head, most of a small model's decode step): timed once per shape and
     process. A timing on a busy machine can go either way, and the two round differently: two runs of
     the same seed may then part at a near-tie (only `compile=True` on CPU, which is not the default)."""
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"
-               and m.weight.dtype == torch.float32]
-    if not linears or not torch.backends.mkldnn.is_available() or torch.is_autocast_enabled("cpu"):
-        return False  # (under autocast onednn_linears routes nothing)
+    linears = _routable_linears(model)
+    if not linears:
+        return False
     weight = max(linears, key=lambda m: m.weight.numel()).weight.detach()
     key = (rows, *weight.shape)
     if key not in _verdicts:
@@ -348,3 +343,12 @@ def onednn_pays(model, rows):
 
         _verdicts[key] = best_of(lambda: onednn_linear(x, weight, None)) < 0.9 * best_of(lambda: F.linear(x, weight))
     return _verdicts[key]
+
+
+def _routable_linears(model):
+    """The modules onednn_linears would route: plain fp32 CPU nn.Linear whose forward nobody else has
+    replaced. None under CPU autocast, which would hand the custom op mixed dtypes."""
+    if not torch.backends.mkldnn.is_available() or torch.is_autocast_enabled("cpu"):
+        return []
+    return [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in vars(m)
+            and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]

@@ -302,7 +302,7 @@ def encode(model, tok, texts, args, stale=True, **kw):
     caller says no optimizer step came since the last call (stale=False; a collective either way)."""
     sampler = None
     if args.fsdp:
-        sampler = fsdp.sampler(model, args.device, torch.bfloat16 if args.device.startswith("cuda") else None, stale)
+        sampler = fsdp.sampler(model, args.device, policy.low_precision(args.device), stale)
     return policy.encode(model, tok, texts, max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k,
                          max_length=args.max_prompt_tokens, compile=args.compile == "on",
                          chunk_rows=args.micro_batch_size * args.group_size, sample_rows=args.rollout_rows or None,
@@ -586,8 +586,7 @@ def load_models(args, resume_from):
         model, tok = policy.load(resume_from or args.model, device=args.device, seed=args.seed)
         ref = None
         if args.kl_coef and args.objective == "grpo":
-            ref_dtype = torch.bfloat16 if args.device.startswith("cuda") else None
-            ref = policy.load(args.model, device=args.device, dtype=ref_dtype, seed=args.seed)[0]
+            ref = policy.load(args.model, device=args.device, dtype=policy.low_precision(args.device), seed=args.seed)[0]
             ref.eval().requires_grad_(False)
     except FileNotFoundError as e:
         raise UsageError(str(e)) from e
