@@ -1,10 +1,14 @@
-"""Texts per second of evaluate.encode_texts (rationale + pooling): length-sorted vs unsorted batches.
+"""Texts per second of evaluate.encode_texts (rationale + pooling): length-sorted vs unsorted
+batches.
 
 Sorting puts texts of similar length in a batch, so less of each batch is left padding. Same texts,
 same model, same settings; only the batch order differs. Median of --runs alternating timed runs.
+The texts are both sides of the STS Benchmark dev pairs (--sts: its dev.jsonl, one JSON object a
+line with sentence1 and sentence2).
 
-    python bench/evaluate.py                                 # tiny on CPU, 512 STS sentences, batch 32
-    python bench/evaluate.py --device cuda --large           # a ~100M random Qwen2 where a GPU is lent
+    python bench/evaluate.py --sts DATA/stsbenchmark/dev.jsonl     # tiny on CPU, 512 sentences
+    python bench/evaluate.py --sts DATA/stsbenchmark/dev.jsonl --device cuda --large
+                                                 # a ~100M random Qwen2 on a GPU
 """
 import argparse
 import json
@@ -19,12 +23,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import evaluate  # noqa: E402
 import policy  # noqa: E402
+from infra import tiny  # noqa: E402
+
+
+STS_SOURCE = ("the STS Benchmark dev split as JSONL (sentence1, sentence2, score), published at "
+              "https://ixa2.si.ehu.eus/stswiki/index.php/STSbenchmark")
 
 
 def texts_from(path, n):
     """n sentences, both sides of the STS pairs (their lengths vary from 3 to ~50 words)."""
-    if not path.exists():
-        sys.exit(f"needs {path} (the shared data beside the repo); give --data")
+    if path is None or not path.is_file():
+        got = "" if path is None else f" ({path} is not a file)"
+        print(f"bench/evaluate.py needs --sts{got}: {STS_SOURCE}", file=sys.stderr)
+        sys.exit(2)
     texts = []
     for line in path.read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
@@ -37,13 +48,15 @@ def load_model(large, device):
         model, tokenizer = policy.load("tiny", device=device)
     else:  # a random Qwen2 of ~100M parameters with the tiny tokenizer: the cost of a real forward
         from transformers import AutoModelForCausalLM, Qwen2Config
-        tokenizer = policy.build_tiny_tokenizer()
-        config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                             num_attention_heads=12, num_key_value_heads=4, eos_token_id=tokenizer.eos_token_id,
+        tokenizer = tiny.build_tokenizer()
+        config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
+                             num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                             eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id)
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config)
-        model.to(device=device, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32)
+        model.to(device=device,
+                 dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32)
     return model.eval(), tokenizer
 
 
@@ -76,8 +89,9 @@ def timed(fns, runs):
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "stsbenchmark" / "dev.jsonl")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sts", type=Path, metavar="FILE",
+                   help=f"needed: {STS_SOURCE} (its dev.jsonl)")
     p.add_argument("--n", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=16)
@@ -86,11 +100,12 @@ def main():
     p.add_argument("--large", action="store_true")
     args = p.parse_args()
     torch.manual_seed(0)
-    texts = texts_from(args.data, args.n)
+    texts = texts_from(args.sts, args.n)
     model, tokenizer = load_model(args.large, args.device)
     name = "random Qwen2 ~100M" if args.large else "tiny"
-    print(f"{name} on {args.device}, {len(texts)} texts, batch {args.batch_size}, {args.max_new_tokens} new tokens "
-          f"(greedy), median of {args.runs} alternating runs, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{name} on {args.device}, {len(texts)} texts, batch {args.batch_size}, "
+          f"{args.max_new_tokens} new tokens (greedy), median of {args.runs} alternating runs, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
     def run(sort):
         return lambda: evaluate.encode_texts(model, tokenizer, texts, batch_size=args.batch_size,

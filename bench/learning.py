@@ -1,30 +1,50 @@
-"""Watch GRACE learn on a laptop: tiny-lm on the SNLI triplets, base model vs three ways to train it.
+"""Watch GRACE learn on a laptop: tiny-lm on SNLI triplets, base model vs three ways to train it.
 
-    python bench/learning.py                  # 3 seeds x 3 trainings + the base model: 11 min on 2 busy CPU cores
-    python bench/learning.py --seeds 1 --runs release --no-base --train-args="--lr 1e-4"   # one quick try (~2 min)
+    python bench/learning.py --snli DATA/snli_triplets/triplets.jsonl \
+        --sts DATA/stsbenchmark/dev.jsonl --wordnet DATA/unsup_sentences
+                    # 3 seeds x 3 trainings + the base model: 11 min on 2 busy CPU cores
+    python bench/learning.py --snli ... --sts ... --wordnet ... --seeds 1 --runs release \
+        --no-base --train-args="--lr 1e-4"          # one quick try (~2 min)
 
-The runs (every trained one: same data, same steps x batch size, so EQUAL EXAMPLES; one row per run, 3 seeds):
+The data (public sets; none ships with the repo, so each is an argument):
+- --snli:    SNLI (https://nlp.stanford.edu/projects/snli/) as triplets, JSONL {anchor, positive
+             (an entailment), hard_negative (a contradiction)}: what every run trains on
+- --sts:     the STS Benchmark dev split (https://ixa2.si.ehu.eus/stswiki/index.php/STSbenchmark),
+             JSONL {sentence1, sentence2, score}: what every model is measured on
+- --wordnet: the folder of the WordNet 3.0 (https://wordnet.princeton.edu/) example sentences and
+             glosses, one a line (wordnet_examples.txt, wordnet_glosses.txt: what tools/pretrain.py
+             --data-dir reads): the held-out perplexity lines
+
+The runs (every trained one: same data, same steps x batch size, so EQUAL EXAMPLES; one row per
+run, 3 seeds):
 - base:          the model as shipped, no training
 - GRACE release: GRPO on rationales with the authors' reward (train.py's default)
 - GRACE infonce: GRPO with --reward infonce (a per-rollout contrastive reward)
-- contrastive:   --objective contrastive: InfoNCE on the same pooled embeddings, gradients through the
-                 encoder (greedy rationales); not GRACE, the baseline the paper does not run
+- contrastive:   --objective contrastive: InfoNCE on the same pooled embeddings, gradients
+                 through the encoder (greedy rationales); not GRACE, the baseline the paper
+                 does not run
 - release + std: (--ablation) the release reward with advantages divided by the group std
 Every other setting is train.py's preset for the model (plus --train-args).
 
-The columns, all measured after training on the final model, greedy rationales (evaluate.encode_texts):
-- STS-B dev:    Spearman x100 of cos(h1, h2) vs the gold score on the first --pairs pairs of STS-B dev
-                (measuring only: nothing trains on it), mean +- sd over seeds
-- cos between:  mean cosine between the embeddings of different texts (those STS texts): near 1 = collapse
-- ppl:          teacher-forced token perplexity (evaluate.perplexity) of the last --ppl-lines lines of
-                wordnet_examples.txt that pretrain.py's default split held out of tiny-lm's training
-                (the last lines of the file when pretrain.py is absent): does the policy stay a language model?
-- rationale:    mean rationale length in tokens (stop token excluded) on the STS texts, and the share of
-                empty rationales (a policy that writes nothing dodges the length penalty: the known hack)
-- reward:       GRPO runs: the mean training reward of the first and of the last quarter of the steps
+The columns, all measured after training on the final model, greedy rationales
+(evaluate.encode_texts):
+- STS-B dev:    Spearman x100 of cos(h1, h2) vs the gold score on the first --pairs pairs of STS-B
+                dev (measuring only: nothing trains on it), mean +- sd over seeds
+- cos between:  mean cosine between the embeddings of different texts (those STS texts): near 1 =
+                collapse
+- ppl:          teacher-forced token perplexity (evaluate.perplexity) of the last --ppl-lines lines
+                of wordnet_examples.txt that tools/pretrain.py's default split held out of
+                tiny-lm's training (the last lines of the file when tools/pretrain.py is absent):
+                does the policy stay a language model?
+- rationale:    mean rationale length in tokens (stop token excluded) on the STS texts, and the
+                share of empty rationales (a policy that writes nothing dodges the length penalty:
+                the known hack)
+- reward:       GRPO runs: the mean training reward of the first and of the last quarter of the
+                steps
 - min:          minutes of training per run (evaluation not included)
 The base row uses the trained runs' rationale budget (max_new_tokens from their grace.json).
-The table goes to stdout and to OUT/learning.md; each run's row to OUT/rows.jsonl, its model to OUT/RUN/seed-S.
+The table goes to stdout and to OUT/learning.md; each run's row to OUT/rows.jsonl, its model to
+OUT/RUN/seed-S.
 """
 import argparse
 import json
@@ -39,43 +59,72 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-import data  # noqa: E402
+from infra import cli, data  # noqa: E402
 import evaluate  # noqa: E402
 import policy  # noqa: E402
 import train  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data"
-SNLI, STS_DEV = DATA / "snli_triplets" / "triplets.jsonl", DATA / "stsbenchmark" / "dev.jsonl"
-WORDNET = DATA / "unsup_sentences" / "wordnet_examples.txt"
-RUNS = {"GRACE release": [], "GRACE infonce": ["--reward", "infonce"], "contrastive": ["--objective", "contrastive"]}
+# flag -> (what it names, the public data set it comes from); no defaults: the data is not in
+# the repo
+DATA = {
+    "snli": ("FILE", "SNLI triplets as JSONL (anchor, positive, hard_negative), made from SNLI, "
+             "published at https://nlp.stanford.edu/projects/snli/"),
+    "sts": ("FILE", "the STS Benchmark dev split as JSONL (sentence1, sentence2, score), "
+            "published at https://ixa2.si.ehu.eus/stswiki/index.php/STSbenchmark"),
+    "wordnet": ("DIR", "the folder of the WordNet 3.0 example sentences and glosses, one a line "
+                "(wordnet_examples.txt, wordnet_glosses.txt), WordNet published at "
+                "https://wordnet.princeton.edu/"),
+}
+WORDNET_EXAMPLES = "wordnet_examples.txt"
+RUNS = {"GRACE release": [], "GRACE infonce": ["--reward", "infonce"],
+        "contrastive": ["--objective", "contrastive"]}
 ABLATION = {"release + std": ["--scale-adv-by-std"]}
 
 
-def heldout_lines(n):
-    """The last n lines of wordnet_examples.txt that tiny-lm did not train on (pretrain.py's default split)."""
-    lines = [x.strip() for _, x in data.read_lines(WORDNET) if x.strip()]
+def check_data(args):
+    """Every data argument given and there, else one line naming those that are not (exit 2)."""
+    missing = []
+    for flag, (kind, source) in DATA.items():
+        path = getattr(args, flag)
+        file = path / WORDNET_EXAMPLES if kind == "DIR" and path is not None else path
+        if path is None:
+            missing.append(f"--{flag} {kind}: {source}")
+        elif not file.is_file():
+            missing.append(f"--{flag} {kind} ({file} is not a file): {source}")
+    if missing:
+        print(f"bench/learning.py needs {'; '.join(missing)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def heldout_lines(wordnet, n):
+    """The last n lines of wordnet_examples.txt that tiny-lm did not train on (tools/pretrain.py's
+    default split of the folder `wordnet`)."""
+    lines = [x.strip() for _, x in data.read_lines(wordnet / WORDNET_EXAMPLES) if x.strip()]
     try:
-        import pretrain
-        held = set(pretrain.split_lines(pretrain.read_lines(WORDNET.parent), 2000, 0)[1])
+        from tools import pretrain
+        held = set(pretrain.split_lines(pretrain.read_lines(wordnet), 2000, 0)[1])
         lines = [x for x in lines if x in held]
     except ImportError:
         pass
     return lines[-n:]
 
 
-def measure(model_path, pairs, ppl_texts, max_new=None):
-    """-> dict of the table's columns for one model (greedy rationales as long as it was trained with)."""
+def measure(model_path, sts, pairs, ppl_texts, max_new=None):
+    """-> dict of the table's columns for one model (greedy rationales as long as it was trained
+    with), on the first `pairs` pairs of the STS file `sts`."""
     from scipy.stats import spearmanr
 
     info = Path(model_path) / "grace.json"
     max_new = max_new or json.loads(info.read_text())["max_new_tokens"]
-    rows = [json.loads(line) for line in STS_DEV.read_text().splitlines()[:pairs]]
+    rows = [json.loads(line) for line in sts.read_text().splitlines()[:pairs]]
     model, tok = policy.load(model_path)
     stats = {}
     texts = [r["sentence1"] for r in rows] + [r["sentence2"] for r in rows]
-    e = torch.from_numpy(evaluate.encode_texts(model, tok, texts, batch_size=32, max_new_tokens=max_new, stats=stats))
+    e = torch.from_numpy(evaluate.encode_texts(model, tok, texts, batch_size=32,
+                                               max_new_tokens=max_new, stats=stats))
     n = len(e)
-    return dict(sts=100 * spearmanr((e[:pairs] * e[pairs:]).sum(-1), [r["score"] for r in rows]).statistic,
+    gold = [r["score"] for r in rows]
+    return dict(sts=100 * spearmanr((e[:pairs] * e[pairs:]).sum(-1), gold).statistic,
                 cos=((e.sum(0) @ e.sum(0) - n) / (n * (n - 1))).item(),
                 ppl=evaluate.perplexity(model, tok, ppl_texts),
                 len=stats["tokens"] / stats["texts"], empty=stats["empty"] / stats["texts"])
@@ -85,72 +134,93 @@ def train_and_measure(model, label, extra, seed, args, ppl_texts):
     out = Path(args.out) / label.replace(" ", "").replace("+", "_") / f"seed-{seed}"
     shutil.rmtree(out, ignore_errors=True)  # the bench's own scratch folder: a rerun replaces it
     t = time.perf_counter()
-    train.main(["--model", model, "--data", str(SNLI), "--seed", str(seed), "--out", str(out), "--threads",
-                str(args.threads), "--log-rationales", "0", "--save-every", "1000000", "--keep-last", "1",
-                *(["--steps", str(args.steps)] if args.steps else []), *extra, *args.train_args.split()])
+    train.main(["--model", model, "--data", str(args.snli), "--seed", str(seed), "--out", str(out),
+                "--threads", str(args.threads), "--log-rationales", "0", "--save-every", "1000000",
+                "--keep-last", "1", *(["--steps", str(args.steps)] if args.steps else []), *extra,
+                *args.train_args.split()])
     minutes = (time.perf_counter() - t) / 60
     m = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     k = max(1, len(m) // 4)  # the training reward, first and last quarter: did it move at all?
     trend = {f"reward_{w}": statistics.fmean(r.get("reward", float("nan")) for r in rs)
              for w, rs in (("first", m[:k]), ("last", m[-k:]))}
-    return dict(run=label, seed=seed, minutes=minutes, **trend, **measure(out / "final", args.pairs, ppl_texts))
+    return dict(run=label, seed=seed, minutes=minutes, **trend,
+                **measure(out / "final", args.sts, args.pairs, ppl_texts))
 
 
 def table(rows, args, model):
     def ms(rs, key, fmt):
         xs = [r[key] for r in rs]
-        return fmt.format(statistics.fmean(xs)) + (f" ± {fmt.format(statistics.stdev(xs))}" if len(xs) > 1 else "")
+        sd = f" ± {fmt.format(statistics.stdev(xs))}" if len(xs) > 1 else ""
+        return fmt.format(statistics.fmean(xs)) + sd
 
     runs = list(dict.fromkeys(r["run"] for r in rows))
-    head = (f"{model} on SNLI triplets, {args.steps or 'preset'} steps x the preset batch (equal examples), "
-            f"{args.seeds} seed(s), mean ± sd. STS-B dev: first {args.pairs} pairs, greedy rationales.\n\n"
-            "| run | STS-B dev ρ×100 | cos between texts | held-out ppl | rationale tokens | empty | reward first→last | min |\n"
+    head = (f"{model} on SNLI triplets, {args.steps or 'preset'} steps x the preset batch (equal "
+            f"examples), {args.seeds} seed(s), mean ± sd. STS-B dev: first {args.pairs} pairs, "
+            "greedy rationales.\n\n"
+            "| run | STS-B dev ρ×100 | cos between texts | held-out ppl | rationale tokens "
+            "| empty | reward first→last | min |\n"
             "|---|---|---|---|---|---|---|---|\n")
     lines = []
     for run in runs:
         rs = [r for r in rows if r["run"] == run]
-        reward = "—" if run == "base" or "contrastive" in run else \
-            f"{statistics.fmean(r['reward_first'] for r in rs):.3f}→{statistics.fmean(r['reward_last'] for r in rs):.3f}"
-        lines.append(f"| {run} | {ms(rs, 'sts', '{:.1f}')} | {ms(rs, 'cos', '{:.3f}')} | {ms(rs, 'ppl', '{:.1f}')} | "
-                     f"{ms(rs, 'len', '{:.1f}')} | {100 * statistics.fmean(r['empty'] for r in rs):.0f}% | {reward} | "
-                     f"{'—' if run == 'base' else ms(rs, 'minutes', '{:.1f}')} |")
+        if run == "base" or "contrastive" in run:
+            reward = "—"
+        else:
+            first, last = (statistics.fmean(r[f"reward_{w}"] for r in rs)
+                           for w in ("first", "last"))
+            reward = f"{first:.3f}→{last:.3f}"
+        empty = 100 * statistics.fmean(r['empty'] for r in rs)
+        lines.append(f"| {run} | {ms(rs, 'sts', '{:.1f}')} | {ms(rs, 'cos', '{:.3f}')} | "
+                     f"{ms(rs, 'ppl', '{:.1f}')} | {ms(rs, 'len', '{:.1f}')} | {empty:.0f}% | "
+                     f"{reward} | {'—' if run == 'base' else ms(rs, 'minutes', '{:.1f}')} |")
     return head + "\n".join(lines) + "\n"
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag, (kind, source) in DATA.items():
+        p.add_argument(f"--{flag}", type=Path, metavar=kind, help=f"needed: {source}")
     p.add_argument("--model", default="tiny-lm")
-    p.add_argument("--steps", type=int, default=30, help="training steps of every run (0: the preset's)")
+    p.add_argument("--steps", type=int, default=30,
+                   help="training steps of every run (0: the preset's)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--pairs", type=int, default=200, help="STS-B dev pairs measured (of 1500)")
     p.add_argument("--ppl-lines", type=int, default=200)
-    p.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of the trained runs")
-    p.add_argument("--ablation", action="store_true", help="also: release reward + advantages / group std")
+    p.add_argument("--runs", default=",".join(RUNS),
+                   help="comma-separated subset of the trained runs")
+    p.add_argument("--ablation", action="store_true",
+                   help="also: release reward + advantages / group std")
     p.add_argument("--no-base", action="store_true", help="skip the base-model row")
     p.add_argument("--train-args", default="",
-                   help="extra train.py flags for every run, e.g. --train-args='--lr 1e-4 --no-length-penalty'")
+                   help="extra train.py flags for every run, e.g. "
+                        "--train-args='--lr 1e-4 --no-length-penalty'")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="bench_out/learning")
     args = p.parse_args()
-    if not SNLI.exists() or not STS_DEV.exists():
-        raise SystemExit(f"needs {SNLI} and {STS_DEV} (the shared data beside the repo)")
+    check_data(args)
     torch.set_num_threads(args.threads)
-    start, ppl_texts = time.perf_counter(), heldout_lines(args.ppl_lines)
-    wanted = [w.strip() for w in args.runs.split(",") if w.strip()]  # a run is picked by any part of its name
-    runs = {k: v for k, v in RUNS.items() if any(w in k for w in wanted)} | (ABLATION if args.ablation else {})
+    start, ppl_texts = time.perf_counter(), heldout_lines(args.wordnet, args.ppl_lines)
+    # a run is picked by any part of its name
+    wanted = [w.strip() for w in args.runs.split(",") if w.strip()]
+    runs = {k: v for k, v in RUNS.items() if any(w in k for w in wanted)}
+    runs |= ABLATION if args.ablation else {}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     rows = []
     for label, extra in runs.items():
         for seed in range(args.seeds):
             rows.append(train_and_measure(args.model, label, extra, seed, args, ppl_texts))
             with open(Path(args.out) / "rows.jsonl", "a") as f:
-                f.write(json.dumps({**rows[-1], "train_args": args.train_args, "steps": args.steps}) + "\n")
-    if not args.no_base:  # the base model with the trained runs' rationale budget (else its preset's)
+                f.write(json.dumps({**rows[-1], "train_args": args.train_args,
+                                    "steps": args.steps}) + "\n")
+    if not args.no_base:  # the base model with the trained runs' rationale budget (else preset's)
         done = sorted(Path(args.out).glob("*/seed-*/final/grace.json"))
         max_new = json.loads(done[0].read_text())["max_new_tokens"] if rows and done else \
-            train.PRESETS[train.default_preset(args.model)]["max_new_tokens"]
-        rows.insert(0, dict(run="base", seed=0, minutes=0, **measure(args.model, args.pairs, ppl_texts, max_new)))
-    text = table(rows, args, args.model) + f"\nWall time: {(time.perf_counter() - start) / 60:.1f} min.\n"
+            cli.PRESETS[cli.default_preset(args.model)]["max_new_tokens"]
+        rows.insert(0, dict(run="base", seed=0, minutes=0,
+                            **measure(args.model, args.sts, args.pairs, ppl_texts, max_new)))
+    wall = (time.perf_counter() - start) / 60
+    text = table(rows, args, args.model) + f"\nWall time: {wall:.1f} min.\n"
     print("\n" + text)
     (Path(args.out) / "learning.md").write_text(text)
 

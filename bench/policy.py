@@ -3,8 +3,8 @@
     python bench/policy.py [--batch 16 --seq 512 --vocab 32000]
 
 Each variant runs in a fresh process (peak RSS can only grow within a process); the table shows the
-peak resident memory above the process's state right before the call (model and inputs already built),
-with and without gradients, and the ratio naive / chunked.
+peak resident memory above the process's state right before the call (model and inputs already
+built), with and without gradients, and the ratio naive / chunked.
 """
 import argparse
 import json
@@ -29,8 +29,9 @@ def child(args):
     import policy
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=args.vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    cfg = Qwen2Config(vocab_size=args.vocab, hidden_size=256, intermediate_size=512,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      tie_word_embeddings=True)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     ids = torch.randint(0, args.vocab, (args.batch, args.seq))
     mask = torch.ones_like(ids)
@@ -39,7 +40,8 @@ def child(args):
     grad = args.grad == "on"
 
     def naive():
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V): the whole batch
+        # (B, T, V): the whole batch
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
         logp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
         return torch.nn.functional.pad(logp, (1, 0)) * completion
 
@@ -68,20 +70,21 @@ def main():
     if args.variant:
         return child(args)
     full = args.batch * args.seq * args.vocab * 4 / 2**20
-    print(f"token_logprobs peak memory, batch {args.batch} x {args.seq} tokens x vocab {args.vocab} "
-          f"(one float32 logits tensor of the batch = {full:.0f} MiB), CPU")
+    print(f"token_logprobs peak memory, batch {args.batch} x {args.seq} tokens x vocab "
+          f"{args.vocab} (one float32 logits tensor of the batch = {full:.0f} MiB), CPU")
     print(f"{'grad':>5} | {'naive MiB':>10} | {'chunked MiB':>11} | {'naive/chunked':>13} | "
           f"{'naive s':>7} | {'chunked s':>9}")
     for grad in ("off", "on"):
         res = {}
         for variant in ("naive", "chunked"):
-            cmd = [sys.executable, __file__, "--variant", variant, "--grad", grad, "--batch", str(args.batch),
-                   "--seq", str(args.seq), "--vocab", str(args.vocab)]
+            cmd = [sys.executable, __file__, "--variant", variant, "--grad", grad,
+                   "--batch", str(args.batch), "--seq", str(args.seq), "--vocab", str(args.vocab)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             res[variant] = json.loads(out.strip().splitlines()[-1])
         n, c = res["naive"], res["chunked"]
         print(f"{grad:>5} | {n['peak_mib']:>10.0f} | {c['peak_mib']:>11.0f} | "
-              f"{n['peak_mib'] / max(c['peak_mib'], 1):>13.1f} | {n['seconds']:>7.2f} | {c['seconds']:>9.2f}")
+              f"{n['peak_mib'] / max(c['peak_mib'], 1):>13.1f} | {n['seconds']:>7.2f} | "
+              f"{c['seconds']:>9.2f}")
 
 
 if __name__ == "__main__":

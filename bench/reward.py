@@ -2,9 +2,10 @@
 
     python bench/reward.py [--groups 64 --group-size 8 --dim 1536 --threads 1]
 
-The loops are the obvious per-row implementations (what reward.py replaces); each pair gives the same
-numbers (checked here), the table shows the median time of each and the ratio. CPU timings swing with
-other load on the machine: with 2 cores busy, leave --threads at 1 (oversubscribed threads are slower).
+The loops are the obvious per-row implementations (what reward.py replaces); each pair gives the
+same numbers (checked here), the table shows the median time of each and the ratio. CPU timings
+swing with other load on the machine: with 2 cores busy, leave --threads at 1 (oversubscribed
+threads are slower).
 """
 import argparse
 import statistics
@@ -26,7 +27,8 @@ def loop_rewards(q, m, n, G, tau=0.1, w=0.2):
         g = i // G
         own = range(g * G, g * G + G)
         s_clu = sum(float(m[i] @ m[j]) for j in own if j != i) / (G - 1)
-        s_x = -sum(max(float(q[i] @ m[k]) for k in range(h * G, h * G + G)) for h in range(groups) if h != g) / (groups - 1)
+        s_x = -sum(max(float(q[i] @ m[k]) for k in range(h * G, h * G + G))
+                   for h in range(groups) if h != g) / (groups - 1)
         out[i] = (float(q[i] @ m[i]) - float(q[i] @ n[i]) + w * s_clu + w * s_x) / tau
     return out
 
@@ -77,16 +79,22 @@ def main():
     n = unit(torch.randn(args.groups, args.dim)).repeat_interleave(G, 0)
     m = unit(torch.randn(N, args.dim))
     cases = [  # name, vectorised, loop
-        ("grace_rewards (supervised)", lambda: reward.grace_rewards(q, m, n, G)[0], lambda: loop_rewards(q, m, n, G)),
-        ("unsupervised_rewards", lambda: reward.unsupervised_rewards(q, m, G)[0], lambda: loop_unsupervised(q, m, G)),
-        ("infonce_rewards", lambda: reward.infonce_rewards(q, m, n, G)[0], lambda: loop_infonce(q, m, n, G)),
+        ("grace_rewards (supervised)", lambda: reward.grace_rewards(q, m, n, G)[0],
+         lambda: loop_rewards(q, m, n, G)),
+        ("unsupervised_rewards", lambda: reward.unsupervised_rewards(q, m, G)[0],
+         lambda: loop_unsupervised(q, m, G)),
+        ("infonce_rewards", lambda: reward.infonce_rewards(q, m, n, G)[0],
+         lambda: loop_infonce(q, m, n, G)),
     ]
-    print(f"{args.groups} groups x G={G}, dim {args.dim}, CPU, {torch.get_num_threads()} thread(s), float32")
+    print(f"{args.groups} groups x G={G}, dim {args.dim}, CPU, {torch.get_num_threads()} "
+          "thread(s), float32")
     print("| reward | vectorised | per-row loop | loop / vectorised |\n|---|---|---|---|")
     for name, fast, slow in cases:
         assert torch.allclose(fast(), slow(), atol=1e-3), name
         t_fast, t_slow = median_seconds(fast, 30), median_seconds(slow, 3)
-        print(f"| {name} | {t_fast * 1e3:.2f} ms | {t_slow * 1e3:.0f} ms | {t_slow / t_fast:.0f}x |")
+        print(f"| {name} | {t_fast * 1e3:.2f} ms | {t_slow * 1e3:.0f} ms | "
+              f"{t_slow / t_fast:.0f}x |")
+
 
 if __name__ == "__main__":
     main()

@@ -1,19 +1,24 @@
-"""One training step (rollout / score / update) on a random-initialised model of a named shape, plain
-against compiled rollouts in the same run; and the per-GPU memory table for the release's batch.
+"""One training step (rollout / score / update) on a random-initialised model of a named shape,
+plain against compiled rollouts in the same run; and the per-GPU memory table for the release's
+batch.
 
-    python bench/train_step.py                                   # CPU: the "small" shape, tiny batch
-    python bench/train_step.py --shape Qwen2.5-1.5B --batch-size 64 --group-size 8 --mini-batch-size 16 \
-        --micro-batch-size 2 --max-new-tokens 2048 --grad-checkpointing          # GPU: a release-shaped step
-    torchrun --nproc_per_node=2 bench/train_step.py [--fsdp] [--gather-bench]  # data parallel / FSDP (gloo on CPU)
-    python bench/train_step.py --memory-table                    # computed, not measured
+    python bench/train_step.py                     # CPU: the "small" shape, tiny batch
+    python bench/train_step.py --shape Qwen2.5-1.5B --batch-size 64 --group-size 8 \
+        --mini-batch-size 16 --micro-batch-size 2 --max-new-tokens 2048 \
+        --grad-checkpointing                       # GPU: a release-shaped step
+    torchrun --nproc_per_node=2 bench/train_step.py [--fsdp] [--gather-bench]
+                                                   # data parallel / FSDP (gloo on CPU)
+    python bench/train_step.py --memory-table      # computed, not measured
 
-It drives train.py's own functions (train.parse_args, train.load_models, train.rl_step) on a model
-saved to a temporary folder (AutoModelForCausalLM.from_config: no weights are downloaded), with the
-tiny model's offline tokenizer. Each mode runs one warm-up step (compilation happens there), then
---steps timed steps; the table shows their mean. Peak memory: GPU max allocated per mode on CUDA; on
-CPU the process's peak RSS, which only grows (the second mode's number includes the first's).
---gather-bench (under torchrun with --fsdp): a rollout batch from fsdp's decode copy (refreshed first,
-what train.py does) against the sharded model gathered once, and gathered per layer at every step.
+It drives train.py's own functions (infra.cli.train_args, train.load_models, train.rl_step) on a
+model saved to a temporary folder (AutoModelForCausalLM.from_config: no weights are downloaded),
+with the tiny model's offline tokenizer, on the bundled sample records (infra.cli.SAMPLE_DATA).
+Each mode runs one warm-up step (compilation happens there), then --steps timed steps; the table
+shows their mean. Peak memory: GPU max allocated per mode on CUDA; on CPU the process's peak RSS,
+which only grows (the second mode's number includes the first's).
+--gather-bench (under torchrun with --fsdp): a rollout batch from fsdp's decode copy
+(fsdp.plain_copy, refreshed first, what train.py does) against the sharded model gathered once,
+and gathered per layer at every step.
 """
 import argparse
 import gc
@@ -27,26 +32,28 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data  # noqa: E402
-import fsdp  # noqa: E402
+from infra import cli, data, dist, fsdp, tiny  # noqa: E402
 import policy  # noqa: E402
 import rollout  # noqa: E402
 import train  # noqa: E402
 
 # Public config.json values of the real models (architecture only); "small" is the CPU stand-in.
 SHAPES = {
-    "small": dict(model_type="qwen2", hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, vocab_size=None, tie_word_embeddings=True),
-    "Qwen2.5-1.5B": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "Llama-3.2-3B": dict(model_type="llama", hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-                         num_attention_heads=24, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
-                         head_dim=128),
-    "Qwen2.5-3B": dict(model_type="qwen2", hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                       num_attention_heads=16, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "Qwen3-4B": dict(model_type="qwen3", hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                     num_attention_heads=32, num_key_value_heads=8, vocab_size=151936, tie_word_embeddings=True,
-                     head_dim=128),
+    "small": dict(model_type="qwen2", hidden_size=256, intermediate_size=1024,
+                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=None, tie_word_embeddings=True),
+    "Qwen2.5-1.5B": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960,
+                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                         vocab_size=151936, tie_word_embeddings=True),
+    "Llama-3.2-3B": dict(model_type="llama", hidden_size=3072, intermediate_size=8192,
+                         num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
+                         vocab_size=128256, tie_word_embeddings=True, head_dim=128),
+    "Qwen2.5-3B": dict(model_type="qwen2", hidden_size=2048, intermediate_size=11008,
+                       num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+                       vocab_size=151936, tie_word_embeddings=True),
+    "Qwen3-4B": dict(model_type="qwen3", hidden_size=2560, intermediate_size=9728,
+                     num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                     vocab_size=151936, tie_word_embeddings=True, head_dim=128),
 }
 
 
@@ -55,33 +62,36 @@ def config(shape, tokenizer):
 
     kw = dict(SHAPES[shape])
     kw["vocab_size"] = kw["vocab_size"] or len(tokenizer)
-    return AutoConfig.for_model(kw.pop("model_type"), **kw, max_position_embeddings=8192, attention_dropout=0.0,
-                                bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+    return AutoConfig.for_model(kw.pop("model_type"), **kw, max_position_embeddings=8192,
+                                attention_dropout=0.0, bos_token_id=None,
+                                eos_token_id=tokenizer.eos_token_id,
                                 pad_token_id=tokenizer.pad_token_id)
 
 
 def parameter_count(shape):
-    """-> (parameters (a tied head counted once), of which the output head, in nn.Linear layers (what
-    autocast casts and a decode copy holds in bf16), and what an untied fp32 decode copy keeps besides:
-    norms, and the embedding table even when the head is tied to it)."""
+    """-> (parameters (a tied head counted once), of which the output head, in nn.Linear layers
+    (what autocast casts and a decode copy holds in bf16), and what an untied fp32 decode copy
+    keeps besides: norms, and the embedding table even when the head is tied to it)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config(shape, policy.build_tiny_tokenizer()))
+        model = AutoModelForCausalLM.from_config(config(shape, tiny.build_tokenizer()))
     head, embedding = model.get_output_embeddings().weight, model.get_input_embeddings().weight
-    linear = sum(p.numel() for m in model.modules() if type(m) is torch.nn.Linear for p in m.parameters())
+    linear = sum(p.numel() for m in model.modules() if type(m) is torch.nn.Linear
+                 for p in m.parameters())
     P = sum(p.numel() for p in model.parameters())
     return P, head.numel(), linear, P - linear + (embedding.numel() if head is embedding else 0)
 
 
-# ----------------------------------------------------------------------------- the timed step
+# ------------------------------------------------------------------------------ the timed step
 
 def save_random_model(shape, folder):
     from transformers import AutoModelForCausalLM
 
-    tok = policy.build_tiny_tokenizer()
+    tok = tiny.build_tokenizer()
     torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # a 4B model initialises in seconds on a GPU
+    # a 4B model initialises in seconds on a GPU
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(config(shape, tok))
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(folder)
@@ -89,28 +99,31 @@ def save_random_model(shape, folder):
 
 
 def one_mode(folder, compile, opts, rank, world, steps):
-    args, _ = train.parse_args(["--model", folder, "--compile", compile, *opts])
-    if world > 1:
-        args.device = f"cuda:{os.environ['LOCAL_RANK']}" if args.device.startswith("cuda") else args.device
+    args, _ = cli.train_args(["--model", folder, "--compile", compile, *opts])
+    if world > 1 and args.device.startswith("cuda"):
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
     model, tok, ref = train.load_models(args, None)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    records = data.load_records(policy.SAMPLE_DATA, "supervised")
+    records = data.load_records(cli.SAMPLE_DATA, "supervised")
     local = args.batch_size // world
     batch = [records[i % len(records)] for i in range(rank * local, (rank + 1) * local)]
     gen = torch.Generator(device=args.device).manual_seed(rank)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    runs = [train.rl_step(model, ref, tok, opt, batch, args, gen, world)[0] for _ in range(steps + 1)][1:]
-    m = {k: statistics.mean(r[k] for r in runs) for k in ("t_rollout", "t_score", "t_update", "tokens_per_s")}
-    m["peak_mb"] = train.peak_memory_mb()
+    runs = [train.rl_step(model, ref, tok, opt, batch, args, gen, world)[0]
+            for _ in range(steps + 1)][1:]
+    m = {k: statistics.mean(r[k] for r in runs)
+         for k in ("t_rollout", "t_score", "t_update", "tokens_per_s")}
+    m["peak_mb"] = dist.peak_memory_mb()
     if world > 1:
-        m = train.average_over_ranks(m, world)
+        m = dist.average_over_ranks(m, world)
     return m, model, tok, args
 
 
 def gather_bench(model, tok, args, world, new=16, repeats=3):
-    """Seconds per rollout batch of `new` tokens on the sharded model: from fsdp's decode copy (refreshed
-    first, what train.py does), on the model gathered once, and gathering per layer at every step."""
+    """Seconds per rollout batch of `new` tokens on the sharded model: from fsdp's decode copy
+    (fsdp.plain_copy, refreshed first, what train.py does), on the model gathered once, and
+    gathering per layer at every step."""
     ids, mask, _ = policy.build_prompts(tok, ["a short text"] * 8)
     ids, mask = ids.to(args.device), mask.to(args.device)
 
@@ -119,19 +132,22 @@ def gather_bench(model, tok, args, world, new=16, repeats=3):
         for _ in range(repeats):
             t = time.perf_counter()
             before()
-            rollout.sample(module(), ids, mask, new, temperature=0.0, eos_token_id=None)  # no EOS: same steps on all ranks
+            # no EOS: the same steps on all ranks
+            rollout.sample(module(), ids, mask, new, temperature=0.0, eos_token_id=None)
             times.append(time.perf_counter() - t)
         return statistics.median(times)
 
     low = fsdp.sampler(model, args.device)
-    copy = timed(lambda: low, before=lambda: fsdp.refresh(low, model))  # refreshed, as after an optimizer step
+    # refreshed, as after an optimizer step
+    copy = timed(lambda: low, before=lambda: fsdp.refresh(low, model))
     refreshes = []
     for _ in range(repeats):  # the price of the copy: one refresh, a unit at a time
         t = time.perf_counter()
         fsdp.refresh(low, model)
         refreshes.append(time.perf_counter() - t)
     once = timed(lambda: model, before=lambda: fsdp.reshard(model))
-    switch, fsdp._switch = fsdp._switch, lambda *a, **k: None  # every unit gathers and frees itself per forward
+    # every unit gathers and frees itself per forward
+    switch, fsdp._switch = fsdp._switch, lambda *a, **k: None
     fsdp.reshard(model)
     for unit in fsdp.units(model):
         unit.set_reshard_after_forward(True, recurse=False)
@@ -145,16 +161,18 @@ def gather_bench(model, tok, args, world, new=16, repeats=3):
 
 def bench(a):
     rank, world = 0, 1
-    opts = ["--batch-size", str(a.batch_size), "--group-size", str(a.group_size), "--mini-batch-size",
-            str(a.mini_batch_size), "--max-new-tokens", str(a.max_new_tokens), "--max-prompt-tokens", "512",
-            "--no-length-penalty", "--lr", "1e-6", "--threads", str(a.threads)]
+    opts = ["--batch-size", str(a.batch_size), "--group-size", str(a.group_size),
+            "--mini-batch-size", str(a.mini_batch_size), "--max-new-tokens", str(a.max_new_tokens),
+            "--max-prompt-tokens", "512", "--no-length-penalty", "--lr", "1e-6",
+            "--threads", str(a.threads)]
     opts += ["--micro-batch-size", str(a.micro_batch_size)] if a.micro_batch_size else []
     opts += ["--grad-checkpointing"] if a.grad_checkpointing else []
     opts += ["--rollout-rows", str(a.rollout_rows)] if a.rollout_rows else []
     opts += ["--fsdp"] if a.fsdp else []
     opts += ["--offload"] if a.offload else []
     if "RANK" in os.environ:
-        rank, world = train.setup_distributed(train.parse_args(["--threads", str(a.threads)])[0])
+        args = cli.train_args(["--threads", str(a.threads)])[0]
+        rank, world, args.device = dist.setup(args.device, args.threads)
     with tempfile.TemporaryDirectory() as folder:
         if rank == 0:
             save_random_model(a.shape, folder)
@@ -165,7 +183,7 @@ def bench(a):
             torch.distributed.barrier()
         rows = {}
         for mode in a.compile.split(","):
-            model = None  # free the previous mode's model (and its decode copy) before loading the next
+            model = None  # free the previous mode's model (and its decode copy) before the next
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -175,35 +193,42 @@ def bench(a):
             torch.distributed.barrier()
     if rank:
         return
-    print(f"shape {a.shape}, {world} process(es){' FSDP' if a.fsdp else ''}{' offload' if a.offload else ''} on "
-          f"{args.device}; {a.batch_size} texts x G={a.group_size}, {a.max_new_tokens} new tokens, mean of {a.steps}")
-    print(f"{'rollouts':>9} {'rollout s':>9} {'score s':>8} {'update s':>9} {'step s':>8} {'tok/s':>8} {'peak MB':>8}")
+    how = f"{' FSDP' if a.fsdp else ''}{' offload' if a.offload else ''}"
+    print(f"shape {a.shape}, {world} process(es){how} on {args.device}; {a.batch_size} texts x "
+          f"G={a.group_size}, {a.max_new_tokens} new tokens, mean of {a.steps}")
+    print(f"{'rollouts':>9} {'rollout s':>9} {'score s':>8} {'update s':>9} {'step s':>8} "
+          f"{'tok/s':>8} {'peak MB':>8}")
     for mode, m in rows.items():
         step = m["t_rollout"] + m["t_score"] + m["t_update"]
-        print(f"{'compiled' if mode == 'on' else 'plain':>9} {m['t_rollout']:9.3f} {m['t_score']:8.3f} "
-              f"{m['t_update']:9.3f} {step:8.3f} {m['tokens_per_s']:8.1f} {m['peak_mb']:8.0f}")
+        print(f"{'compiled' if mode == 'on' else 'plain':>9} {m['t_rollout']:9.3f} "
+              f"{m['t_score']:8.3f} {m['t_update']:9.3f} {step:8.3f} {m['tokens_per_s']:8.1f} "
+              f"{m['peak_mb']:8.0f}")
     if {"on", "off"} <= set(rows):
-        print(f"compiled / plain rollout tokens/s: {rows['on']['tokens_per_s'] / rows['off']['tokens_per_s']:.2f}x")
+        ratio = rows['on']['tokens_per_s'] / rows['off']['tokens_per_s']
+        print(f"compiled / plain rollout tokens/s: {ratio:.2f}x")
     if gathered:
-        print(f"rollout of 8 rows x 16 tokens: decode copy {gathered[0]:.3f} s (its refresh alone {gathered[3] * 1e3:.1f} "
-              f"ms), sharded model gathered once {gathered[1]:.3f} s, gathered per layer per step {gathered[2]:.3f} s")
+        print(f"rollout of 8 rows x 16 tokens: decode copy {gathered[0]:.3f} s (its refresh alone "
+              f"{gathered[3] * 1e3:.1f} ms), sharded model gathered once {gathered[1]:.3f} s, "
+              f"gathered per layer per step {gathered[2]:.3f} s")
 
 
-# ----------------------------------------------------------------------------- the memory table
+# ---------------------------------------------------------------------------- the memory table
 
-GPU_GB, HEADROOM_GB = 80, 8  # what a job can use: 80 GB less CUDA context, NCCL buffers, fragmentation
-PROMPT, NEW, PROMPTS, G, MICRO_PROMPTS = 512, 2048, 64, 8, 2  # the release's batch; 2 prompts per forward
+# what a job can use: 80 GB less CUDA context, NCCL buffers, fragmentation
+GPU_GB, HEADROOM_GB = 80, 8
+# the release's batch; 2 prompts per forward
+PROMPT, NEW, PROMPTS, G, MICRO_PROMPTS = 512, 2048, 64, 8, 2
 
 
 def memory_gb(shape, mode, n, rollout_rows=0):
-    """Peak GB per GPU = max(rollout phase, update phase) for mode plain | fsdp | offload over n GPUs.
-    Bytes per parameter: fp32 weights 4, grads 4 (kept from the step through the next rollouts:
-    zero_grad comes at the next update), AdamW 8 -> 16, all on the GPU (plain), / n (fsdp), on the
-    host (offload). The bf16 reference: 2, replicated (what train.py does). bf16 autocast holds a
-    cast (2) of every Linear parameter a forward uses until its backward is done. Rollouts run on a
-    decode copy, kept: plain, rollout.py's (bf16 Linears, 2); FSDP, fsdp.py's (bf16 Linears 2, the
-    rest fp32 4: mostly the embedding table). Scoring/updates under FSDP gather the root unit
-    (embeddings+head) and two layers at a time.
+    """Peak GB per GPU = max(rollout phase, update phase) for mode plain | fsdp | offload over n
+    GPUs. Bytes per parameter: fp32 weights 4, grads 4 (kept from the step through the next
+    rollouts: zero_grad comes at the next update), AdamW 8 -> 16, all on the GPU (plain), / n
+    (fsdp), on the host (offload). The bf16 reference: 2, replicated (what train.py does). bf16
+    autocast holds a cast (2) of every Linear parameter a forward uses until its backward is done.
+    Rollouts run on a decode copy, kept: plain, fast_decode.decode_copy (bf16 Linears, 2); FSDP,
+    fsdp.plain_copy (bf16 Linears 2, the rest fp32 4: mostly the embedding table).
+    Scoring/updates under FSDP gather the root unit (embeddings+head) and two layers at a time.
     KV cache (bf16) for this rank's 64 x 8 / n main rollouts of 512 + 2048 tokens, or for
     rollout_rows of them at a time (--rollout-rows); activations with
     gradient checkpointing for a micro-batch of 2 prompts x 8 = 16 rows x 2560 tokens: each layer's
@@ -229,13 +254,14 @@ def memory_gb(shape, mode, n, rollout_rows=0):
 
 
 def memory_table():
-    print(f"Per-GPU peak, GB (computed, not measured): {PROMPTS} prompts x G={G}, {NEW}-token rationales after "
-          f"{PROMPT}-token prompts, micro-batches of {MICRO_PROMPTS} prompts, gradient checkpointing; "
-          f"fits = at most {GPU_GB - HEADROOM_GB} of {GPU_GB} GB.")
+    print(f"Per-GPU peak, GB (computed, not measured): {PROMPTS} prompts x G={G}, {NEW}-token "
+          f"rationales after {PROMPT}-token prompts, micro-batches of {MICRO_PROMPTS} prompts, "
+          f"gradient checkpointing; fits = at most {GPU_GB - HEADROOM_GB} of {GPU_GB} GB.")
     runs = [(mode, n) for mode in ("plain", "fsdp", "offload") for n in (1, 4, 8)]
     for rollout_rows in (0, 64):
-        print("\nAll of a rank's rollouts sampled at once (the default):\n" if not rollout_rows else
-              f"\n--rollout-rows {rollout_rows}: a rank samples {rollout_rows} rollouts at a time:\n")
+        print("\nAll of a rank's rollouts sampled at once (the default):\n" if not rollout_rows
+              else f"\n--rollout-rows {rollout_rows}: a rank samples {rollout_rows} rollouts at a "
+              "time:\n")
         print("| model | params | " + " | ".join(f"{m} x{n}" for m, n in runs) + " |")
         print("|---|---|" + "---|" * len(runs))
         for shape in [s for s in SHAPES if s != "small"]:
@@ -244,16 +270,18 @@ def memory_table():
                 gb, P = memory_gb(shape, mode, n, rollout_rows)
                 cells.append(f"{gb:.0f} {'fits' if gb <= GPU_GB - HEADROOM_GB else 'no'}")
             print(f"| {shape} | {P / 1e9:.2f}B | " + " | ".join(cells) + " |")
-    print("\nBytes/param per GPU: plain 16 + 2 (bf16 ref) + 2 (decode copy), +2 autocast casts in the update; "
-          "FSDP 16/N + 2 + 2 (decode copy; its embedding table 4), + two gathered layers in the update; offload "
-          "0 + 2 + 2 (the 16 live in host RAM: 16/N per rank).")
-    print("plain x N is the hand data-parallel path: full states on every GPU, KV cache for rows / N.")
+    print("\nBytes/param per GPU: plain 16 + 2 (bf16 ref) + 2 (decode copy), +2 autocast casts in "
+          "the update; FSDP 16/N + 2 + 2 (decode copy; its embedding table 4), + two gathered "
+          "layers in the update; offload 0 + 2 + 2 (the 16 live in host RAM: 16/N per rank).")
+    print("plain x N is the hand data-parallel path: full states on every GPU, KV cache for "
+          "rows / N.")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="small", choices=list(SHAPES))
-    p.add_argument("--compile", default="off,on", help="rollout modes to run, in order: off, on or off,on")
+    p.add_argument("--compile", default="off,on",
+                   help="rollout modes to run, in order: off, on or off,on")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--group-size", type=int, default=4)
     p.add_argument("--mini-batch-size", type=int, default=None, help="default: the batch per rank")
@@ -262,10 +290,13 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--rollout-rows", type=int, default=0, help="train.py's --rollout-rows (0: all rows at once)")
+    p.add_argument("--rollout-rows", type=int, default=0,
+                   help="train.py's --rollout-rows (0: all rows at once)")
     p.add_argument("--fsdp", action="store_true")
     p.add_argument("--offload", action="store_true")
-    p.add_argument("--gather-bench", action="store_true", help="with --fsdp: time rollouts from the decode copy against the sharded model's own")
+    p.add_argument("--gather-bench", action="store_true",
+                   help="with --fsdp: time rollouts from the decode copy against the sharded "
+                        "model's own")
     p.add_argument("--memory-table", action="store_true")
     a = p.parse_args(argv)
     if a.memory_table:

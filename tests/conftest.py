@@ -4,55 +4,20 @@
 random models of other architectures, built from configs, so code is checked beyond Qwen2.
 """
 import os
-import sys
-from pathlib import Path
-
-import pytest
-import torch
 
 # Never wait on the hub in tests: a stray download fails at once instead of after a time-out.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# One CPU thread (subprocesses included): the models here are tiny, and on a busy 2-core machine
+# torch's default thread count made single tests 10-20x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-SHARED_DATA = ROOT.parent / "shared" / "data"
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
-VOCAB = 128  # small vocabulary for the architecture fixtures
-EOS = 2  # eos token id of the architecture fixtures (pad is 0)
+from helpers import NEW_EVAL, make_arch_model, shared_data  # noqa: E402
 
-
-def shared_data(*parts):
-    """Path into ../shared/data, or skip the test when the folder is absent (a user's fresh clone)."""
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"needs {path} (the shared data beside the repo), which is absent")
-    return path
-
-
-def _random_model(config):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).float().eval()  # from_config starts in train mode
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = EOS
-    return model
-
-
-def make_arch_model(arch):
-    """A random float32 causal LM of `arch` (qwen2 | llama | gpt2), eval mode, dropout off."""
-    from transformers import GPT2Config, LlamaConfig, Qwen2Config
-
-    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=EOS, pad_token_id=0)
-    if arch == "gpt2":
-        cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=512, resid_pdrop=0.0, embd_pdrop=0.0,
-                         attn_pdrop=0.0, **common)
-    else:
-        cls = {"qwen2": Qwen2Config, "llama": LlamaConfig}[arch]
-        cfg = cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512, **common)
-    return _random_model(cfg)
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")
@@ -82,3 +47,22 @@ def tiny():
     import policy
 
     return policy.load("tiny")
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny):
+    """A GraceEncoder of the tiny default, NEW_EVAL rationale tokens, batch 8 (one per module)."""
+    import evaluate
+
+    model, tokenizer = tiny
+    return evaluate.GraceEncoder("tiny", model=model, tokenizer=tokenizer, max_new_tokens=NEW_EVAL,
+                                 batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def sts_file(tmp_path_factory):
+    """The first 24 lines of STS Benchmark dev, as a local file (skips without the shared data)."""
+    rows = shared_data("stsbenchmark", "dev.jsonl").read_text(encoding="utf-8").splitlines()[:24]
+    path = tmp_path_factory.mktemp("sts") / "sts_dev.jsonl"
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path

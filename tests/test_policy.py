@@ -1,4 +1,5 @@
-"""policy.py against independent references: float64 forwards, hand-written pooling, HF save/load."""
+"""policy.py against independent references: float64 forwards, hand-written pooling, HF save and
+load."""
 import copy
 import json
 
@@ -6,13 +7,15 @@ import pytest
 import torch
 
 import policy
-from conftest import SHARED_DATA, VOCAB
+from helpers import SHARED_DATA, VOCAB
 
-TEXTS = ["A man is playing a guitar.", "a", "Why is the sky blue? Because air scatters short waves."]
+TEXTS = ["A man is playing a guitar.", "a",
+         "Why is the sky blue? Because air scatters short waves."]
 
 
 def ragged_batch(B=3, P=9, seed=0):
-    """Random ids, left-padded to different lengths, and a completion mask over the last 4 tokens."""
+    """Random ids, left-padded to different lengths, and a completion mask over the last 4
+    tokens."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (B, P), generator=g)
     mask = torch.ones(B, P, dtype=torch.long)
@@ -25,14 +28,15 @@ def ragged_batch(B=3, P=9, seed=0):
 
 
 def reference_logprobs(model, ids, mask, temperature=1.0):
-    """log_softmax of a plain full forward, in float64: (B, T) with entry t = log p(ids[t] | ids[<t])."""
+    """log_softmax of a plain full forward, in float64: (B, T), entry t log p(ids[t] | ids[<t])."""
     m64 = copy.deepcopy(model).double()
-    logits = m64(input_ids=ids, attention_mask=mask, position_ids=policy.position_ids_from(mask)).logits
+    logits = m64(input_ids=ids, attention_mask=mask,
+                 position_ids=policy.position_ids_from(mask)).logits
     logp = (logits[:, :-1] / temperature).log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     return torch.cat([torch.zeros(ids.shape[0], 1, dtype=torch.float64), logp], dim=1)
 
 
-# ----------------------------------------------------------------------------- tiny model and loading
+# ------------------------------------------------------------------------- tiny model and loading
 
 def test_tiny_is_deterministic_per_seed_and_small(tiny):
     model, tokenizer = tiny
@@ -66,9 +70,9 @@ def test_tiny_round_trips_through_save_and_from_pretrained(tiny, tmp_path):
     loaded_tok = AutoTokenizer.from_pretrained(tmp_path)
     sd, sd2 = model.state_dict(), loaded.state_dict()
     assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
-    # ids must survive the round trip on text the tokenizer never saw (unicode, digits, odd spacing)
+    # ids must survive the round trip on text the tokenizer never saw (unicode, digits, spacing)
     texts = TEXTS + ["Ünïcödé — 漢字 123,456.7  tabs\tand\nnewlines <think>x</think>"]
-    sts = SHARED_DATA / "stsbenchmark" / "dev.jsonl"  # real sentences, where the shared data is present
+    sts = SHARED_DATA / "stsbenchmark" / "dev.jsonl"  # real sentences, where the data is present
     if sts.exists():
         texts += [json.loads(line)["sentence1"] for line in sts.read_text().splitlines()[:200]]
     for t in texts:
@@ -81,7 +85,8 @@ def test_tiny_round_trips_through_save_and_from_pretrained(tiny, tmp_path):
     m3, t3 = policy.load(str(tmp_path))
     assert t3.padding_side == "left"
     with torch.no_grad():
-        assert torch.equal(m3(input_ids=ids, attention_mask=mask).logits, model(input_ids=ids, attention_mask=mask).logits)
+        assert torch.equal(m3(input_ids=ids, attention_mask=mask).logits,
+                           model(input_ids=ids, attention_mask=mask).logits)
 
 
 def test_load_errors_name_the_missing_model(tmp_path):
@@ -123,14 +128,15 @@ def test_build_prompts_left_pads_and_marks_the_text(tiny, chat):
         assert pooled.startswith(text) or (not chat and pooled.startswith(" " + text))
         assert policy.DEFAULT_SYSTEM_PROMPT not in pooled  # ... after the system prompt
         head = tok.decode(ids[i, n_pad:start[i]])
-        assert policy.DEFAULT_SYSTEM_PROMPT in head  # the system prompt ends before the pool, and the
-        assert head.endswith("<|im_start|>user\n") if chat else head.rstrip(" ").endswith("Text:")  # pool starts right after the user header
+        assert policy.DEFAULT_SYSTEM_PROMPT in head  # the system prompt ends before the pool, and
+        # the pool starts right after the user header
+        assert head.endswith("<|im_start|>user\n") if chat else head.rstrip(" ").endswith("Text:")
 
 
 def test_build_prompts_truncates_the_text_to_fit(tiny):
     _, tokenizer = tiny
-    ids, mask, start, cut = policy.build_prompts(tokenizer, ["word " * 300, "short"], max_length=160,
-                                                 return_truncated=True)
+    ids, mask, start, cut = policy.build_prompts(tokenizer, ["word " * 300, "short"],
+                                                 max_length=160, return_truncated=True)
     assert ids.shape[1] <= 160 and cut.tolist() == [True, False]
     assert tokenizer.decode(ids[0, start[0]:]).startswith("word word")
     assert tokenizer.decode(ids[0]).rstrip().endswith("assistant")  # the template's end survives
@@ -138,13 +144,19 @@ def test_build_prompts_truncates_the_text_to_fit(tiny):
         policy.build_prompts(tokenizer, ["x"], max_length=10)
 
 
-# ----------------------------------------------------------------------------- embed
+# ----------------------------------------------------------------------------- pooling
 
-def test_embed_equals_float64_hand_pooling(arch_model):
+def embed(model, ids, mask, pool):
+    """The embedding of given sequences: the mean of the last hidden states over the pool."""
+    with torch.no_grad():
+        return policy.mean_pool(policy.hidden_states(model, ids, mask), pool)
+
+
+def test_mean_pool_of_hidden_states_equals_float64_hand_pooling(arch_model):
     ids, mask, _ = ragged_batch()
     pool_start = torch.tensor([2, 4, 6])  # inside each row's real tokens
     pool = policy.pool_mask_from(mask, pool_start)
-    got = policy.embed(arch_model, ids, mask, pool)
+    got = embed(arch_model, ids, mask, pool)
     assert got.dtype == torch.float32 and got.shape == (3, arch_model.config.hidden_size)
     m64 = copy.deepcopy(arch_model).double()
     with torch.no_grad():
@@ -167,9 +179,11 @@ def test_padding_and_system_prompt_never_enter_the_pool(tiny):
     poisoned[~pool] = float("nan")
     assert torch.equal(policy.mean_pool(poisoned, pool), policy.mean_pool(hidden, pool))
     # a text's embedding does not depend on how much padding its batch needs
-    alone = [policy.embed(model, *policy.build_prompts(tokenizer, [t])[:2],
-                          policy.pool_mask_from(*policy.build_prompts(tokenizer, [t])[1:])) for t in TEXTS]
-    batched = policy.embed(model, ids, mask, pool)
+    alone = []
+    for t in TEXTS:
+        one_ids, one_mask, one_start = policy.build_prompts(tokenizer, [t])
+        alone.append(embed(model, one_ids, one_mask, policy.pool_mask_from(one_mask, one_start)))
+    batched = embed(model, ids, mask, pool)
     assert torch.allclose(torch.cat(alone), batched, atol=1e-5)
 
 
@@ -188,8 +202,9 @@ def test_token_logprobs_equal_float64_log_softmax(arch_model, temperature):
     got_full = policy.token_logprobs(arch_model, ids, mask, full)
     real = mask.bool().clone()
     real[:, 0] = False
-    real &= torch.roll(mask.bool(), 1, dims=1)  # a token after padding has no real prefix of its own
-    assert torch.allclose(got_full[real].double(), reference_logprobs(arch_model, ids, mask)[real], atol=1e-5)
+    real &= torch.roll(mask.bool(), 1, dims=1)  # a token after padding has no real prefix
+    ref_full = reference_logprobs(arch_model, ids, mask)
+    assert torch.allclose(got_full[real].double(), ref_full[real], atol=1e-5)
 
 
 def post_processing_model(arch):
@@ -215,9 +230,10 @@ def test_token_logprobs_follow_each_architectures_logit_post_processing(arch):
     ids, mask, completion = ragged_batch()
     got = policy.token_logprobs(model, ids, mask, completion, temperature=0.7)
     ref = torch.zeros(ids.shape, dtype=torch.float64)
-    for i in range(len(ids)):  # row by row without its padding (Gemma 2's float64 eager path NaNs on pads)
+    for i in range(len(ids)):  # row by row, no padding (Gemma 2's float64 eager path NaNs on pads)
         real = mask[i].bool()
-        ref[i, real] = reference_logprobs(model, ids[i:i + 1, real], mask[i:i + 1, real], temperature=0.7)[0]
+        ref[i, real] = reference_logprobs(model, ids[i:i + 1, real], mask[i:i + 1, real],
+                                          temperature=0.7)[0]
     on = completion.bool()
     assert torch.allclose(got[on].double(), ref[on], atol=1e-5)
     # and the cap / scale matters here: the output layer alone would be far off
@@ -237,11 +253,12 @@ def test_logit_check_ignores_padding_after_an_early_eos(arch_model):
     got = policy.token_logprobs(arch_model, ids, mask, completion)
     on = completion.bool()
     assert torch.isfinite(got).all()
-    assert torch.allclose(got[on].double(), reference_logprobs(arch_model, ids, mask)[on], atol=1e-5)
+    ref = reference_logprobs(arch_model, ids, mask)
+    assert torch.allclose(got[on].double(), ref[on], atol=1e-5)
 
 
 def test_token_logprobs_refuse_a_model_whose_logits_they_cannot_reproduce():
-    from conftest import make_arch_model
+    from helpers import make_arch_model
 
     model = make_arch_model("qwen2")
     model.config.logits_scaling = 3.0  # output_logits would divide; this model's forward does not
@@ -267,7 +284,8 @@ def test_chunked_logprobs_and_gradients_equal_unchunked(tiny):
     lp_small, g_small = run(2)  # many chunks, checkpointed
     lp_big, g_big = run(10**6)  # one chunk
     assert torch.allclose(lp_small, lp_big, atol=1e-6)
-    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(g_small, g_big))  # float32 sum order
+    # float32 sum order
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(g_small, g_big))
     assert any(g.abs().sum() > 0 for g in g_small)
     model.zero_grad(set_to_none=True)
 
@@ -284,40 +302,82 @@ def test_stop_token_ids_prefer_generation_config(tiny):
     assert policy.stop_token_ids(m, tokenizer) == tokenizer.eos_token_id
 
 
+@pytest.mark.slow  # ~4.5 s: four encodes of tiny-lm, new shapes each
 def test_sampling_in_chunks_of_rows_changes_nothing():
-    """sample_rows (bounding the KV cache) gives the rollouts and embeddings of sampling all rows at
-    once: rows whose completions end at different steps are right-padded to the longest."""
-    model, tokenizer = policy.load("tiny-lm")  # greedy rationales that end (EOS) at different steps
+    """sample_rows (bounding the KV cache) gives the rollouts and embeddings of sampling all rows
+    at once: rows whose completions end at different steps are right-padded to the longest."""
+    model, tokenizer = policy.load("tiny-lm")  # greedy rationales ending (EOS) at different steps
     texts = TEXTS + ["Another sentence, longer than the others, to pad the batch.", "b"]
     whole = policy.encode(model, tokenizer, texts, max_new_tokens=12)
     lengths = whole.rollout.completion_mask.sum(-1)
-    assert lengths.min() < lengths.max() and whole.rollout.truncated.any() and not whole.rollout.truncated.all()
+    assert lengths.min() < lengths.max()
+    assert whole.rollout.truncated.any() and not whole.rollout.truncated.all()
     for rows in (1, 2, 4):
         part = policy.encode(model, tokenizer, texts, max_new_tokens=12, sample_rows=rows)
         for field in ("sequences", "attention_mask", "completion_mask", "truncated"):
-            assert torch.equal(getattr(part.rollout, field), getattr(whole.rollout, field)), (rows, field)
+            assert torch.equal(getattr(part.rollout, field), getattr(whole.rollout, field)), \
+                (rows, field)
         torch.testing.assert_close(part.embeddings, whole.embeddings, rtol=0, atol=1e-6)
 
 
-def test_rationale_stats_count_tokens_before_eos_and_blank_texts_as_empty():
-    """One definition for training's metrics and evaluation's summary, checked on rollouts built by hand:
-    tokens before the stop token, and empty = nothing but whitespace once decoded."""
+def test_encode_without_new_tokens_pools_the_prompt_alone(tiny):
+    """max_new_tokens=0, the no-rationale baseline: the rollout is the prompts themselves (nothing
+    generated, none truncated) and the embedding pools the text of the prompt."""
+    model, tokenizer = tiny
+    enc = policy.encode(model, tokenizer, TEXTS, max_new_tokens=0)
+    ids, mask, start = policy.build_prompts(tokenizer, TEXTS)
+    pool = policy.pool_mask_from(mask, start)
+    assert torch.equal(enc.rollout.sequences, ids)
+    assert torch.equal(enc.rollout.attention_mask, mask)
+    assert enc.rollout.completion_mask.eq(0).all() and not enc.rollout.truncated.any()
+    assert torch.equal(enc.pool_mask, pool) and not enc.prompts_cut.any()
+    torch.testing.assert_close(enc.embeddings, embed(model, ids, mask, pool), rtol=0, atol=1e-6)
+
+
+def test_encode_samples_with_the_step_it_is_given(tiny):
+    """step= is rollout.sample's decode step (a copy of the weights may sample, as fsdp's does):
+    every step of the rollout goes through it; the rollouts and embeddings are the default's."""
     import rollout
+
+    model, tokenizer = tiny
+    sampler, calls = copy.deepcopy(model), []
+    plain = rollout.plain_step(sampler)
+
+    def step(*args):
+        calls.append(args[3] is None)  # True at the prefill
+        return plain(*args)
+    default = policy.encode(model, tokenizer, TEXTS, max_new_tokens=5)
+    given = policy.encode(model, tokenizer, TEXTS, max_new_tokens=5, step=step,
+                          device=torch.device("cpu"))
+    assert calls[0] and not any(calls[1:]) and 1 < len(calls) <= 5
+    for field in ("sequences", "attention_mask", "completion_mask", "truncated"):
+        assert torch.equal(getattr(given.rollout, field), getattr(default.rollout, field)), field
+    assert torch.equal(given.embeddings, default.embeddings)
+
+
+def test_rationale_stats_count_tokens_before_eos_and_blank_texts_as_empty():
+    """One definition for training's metrics and evaluation's summary, checked on rollouts built by
+    hand: tokens before the stop token, and empty = nothing but whitespace once decoded."""
+    import rollout
+    from infra import diagnostics
 
     _, tok = policy.load("tiny-lm")
     eos, pad = tok.eos_token_id, tok.pad_token_id
-    word, blank = tok("hello there", add_special_tokens=False)["input_ids"], tok(" \n ", add_special_tokens=False)["input_ids"]
+    word = tok("hello there", add_special_tokens=False)["input_ids"]
+    blank = tok(" \n ", add_special_tokens=False)["input_ids"]
     T, prompt = 8, [5, 6]
     assert 0 < len(word) < T and 0 < len(blank) < T
-    rows = [(word + [eos], False), ([eos], False), (blank + [eos], False), ((word * T)[:T], True)]  # (completion, truncated)
+    # (completion, truncated)
+    rows = [(word + [eos], False), ([eos], False), (blank + [eos], False), ((word * T)[:T], True)]
     seqs = torch.full((len(rows), 2 + T), pad)
     completion = torch.zeros_like(seqs)
     for i, (c, _) in enumerate(rows):
-        seqs[i, :2], seqs[i, 2:2 + len(c)], completion[i, 2:2 + len(c)] = torch.tensor(prompt), torch.tensor(c), 1
+        seqs[i, :2], seqs[i, 2:2 + len(c)] = torch.tensor(prompt), torch.tensor(c)
+        completion[i, 2:2 + len(c)] = 1
     attention = completion.clone()
     attention[:, :2] = 1
     ro = rollout.Rollout(seqs, attention, completion, torch.tensor([t for _, t in rows]))
-    texts, tokens, empty = policy.rationale_stats(tok, ro)
+    texts, tokens, empty = diagnostics.rationale_stats(tok, ro)
     assert tokens.tolist() == [len(word), 0, len(blank), T]
     assert empty.tolist() == [False, True, True, False]
     assert texts[0] == "hello there" and texts[1] == "" and not texts[2].strip()

@@ -1,9 +1,9 @@
-"""plot.py: metrics.jsonl -> a PNG, tolerant of what a killed run leaves behind."""
+"""tools/plot.py: metrics.jsonl -> a PNG, tolerant of what a killed run leaves behind."""
 import json
 
 import pytest
 
-import plot
+from tools import plot
 
 
 def test_read_metrics_skips_a_cut_line_and_nulls(tmp_path):

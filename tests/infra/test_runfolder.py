@@ -1,4 +1,5 @@
-"""checkpoint.py: a run folder that survives kills, full disks and a second run, and resumes what is whole."""
+"""infra/runfolder.py: a run folder that survives kills, full disks and a second run, and resumes
+what is whole."""
 import errno
 import json
 import os
@@ -12,16 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint
-from checkpoint import CheckpointError
+from infra import runfolder
+from infra.runfolder import CheckpointError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def save(out, step, tiny, **kw):
     model, tok = tiny
-    return checkpoint.save(out, step, model, tok, {"step": step, "marker": kw.pop("marker", step)},
-                           optimizer_state=kw.pop("optimizer_state", {"state": {}, "exp_avg": torch.ones(3)}), **kw)
+    optimizer_state = kw.pop("optimizer_state", {"state": {}, "exp_avg": torch.ones(3)})
+    return runfolder.save(out, step, model, tok, {"step": step, "marker": kw.pop("marker", step)},
+                          optimizer_state=optimizer_state, **kw)
 
 
 def mode(path):
@@ -34,36 +36,40 @@ def leftovers(out):
 
 # ----------------------------------------------------------------------------- lock
 
+@pytest.mark.slow  # a second Python process that imports torch
 def test_lock_held_by_another_process(tmp_path):
     out = tmp_path / "run"
-    code = ("import sys, time, checkpoint\n"
-            "held = checkpoint.lock(sys.argv[1])\nheld.__enter__()\nprint('locked', flush=True)\ntime.sleep(60)\n")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    code = ("import sys, time\nfrom infra import runfolder\n"
+            "held = runfolder.lock(sys.argv[1])\nheld.__enter__()\n"
+            "print('locked', flush=True)\ntime.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True,
                               env=dict(os.environ, OMP_NUM_THREADS="1"))
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(CheckpointError) as e:
-            with checkpoint.lock(out):
+            with runfolder.lock(out):
                 pass
         assert str(e.value) == (f"{out} is in use by another run (pid {holder.pid}); "
                                 "wait for it or pass another --out")
     finally:
         holder.kill()
         holder.wait()
-    with checkpoint.lock(out):  # the kernel released it when the holder died: no stale lock
+    with runfolder.lock(out):  # the kernel released it when the holder died: no stale lock
         assert (out / ".lock").read_text().strip() == str(os.getpid())
 
 
 def test_lock_creates_parents_and_is_released_on_exceptions(tmp_path):
     out = tmp_path / "a" / "b"
     with pytest.raises(ZeroDivisionError):
-        with checkpoint.lock(out):
+        with runfolder.lock(out):
             assert out.is_dir()
-            with pytest.raises(CheckpointError, match=f"pid {os.getpid()}"):  # a second open: a second holder
-                with checkpoint.lock(out):
+            # a second open: a second holder
+            with pytest.raises(CheckpointError, match=f"pid {os.getpid()}"):
+                with runfolder.lock(out):
                     pass
             1 / 0
-    with checkpoint.lock(out) as held:
+    with runfolder.lock(out) as held:
         assert held == out
 
 
@@ -71,10 +77,10 @@ def test_lock_out_is_a_file(tmp_path):
     f = tmp_path / "out"
     f.write_text("x")
     with pytest.raises(CheckpointError, match=f"^--out {f} is a file$"):
-        with checkpoint.lock(f):
+        with runfolder.lock(f):
             pass
     with pytest.raises(CheckpointError, match="cannot create"):
-        with checkpoint.lock(f / "below"):
+        with runfolder.lock(f / "below"):
             pass
 
 
@@ -85,61 +91,63 @@ def test_clean_orphans(tmp_path):
     (tmp_path / ".tmp-metrics.jsonl").write_text("{}")
     (tmp_path / "step-2").mkdir()
     (tmp_path / ".old-step-2").mkdir()  # re-save finished its renames: the old copy is garbage
-    (tmp_path / ".old-step-5").mkdir()  # killed between the renames: the old copy is the checkpoint
+    # killed between the renames: the old copy is the checkpoint
+    (tmp_path / ".old-step-5").mkdir()
     (tmp_path / ".old-step-5" / "marker").write_text("old")
-    removed = checkpoint.clean_orphans(tmp_path)
+    removed = runfolder.clean_orphans(tmp_path)
     assert sorted(p.name for p in removed) == [".old-step-2", ".tmp-metrics.jsonl", ".tmp-step-3"]
     assert leftovers(tmp_path) == []
     assert (tmp_path / "step-5" / "marker").read_text() == "old"
-    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step-1", "step-2", "step-5"]
+    assert [p.name for p in runfolder.checkpoints(tmp_path)] == ["step-1", "step-2", "step-5"]
 
 
 # ----------------------------------------------------------------------------- config and metrics
 
 def test_config_roundtrip(tmp_path):
-    assert checkpoint.read_config(tmp_path) is None
-    checkpoint.write_config(tmp_path, {"lr": 1e-6, "data": Path("/x/y.jsonl"), "steps": None})
-    assert checkpoint.read_config(tmp_path) == {"lr": 1e-6, "data": "/x/y.jsonl", "steps": None}
+    assert runfolder.read_config(tmp_path) is None
+    runfolder.write_config(tmp_path, {"lr": 1e-6, "data": Path("/x/y.jsonl"), "steps": None})
+    assert runfolder.read_config(tmp_path) == {"lr": 1e-6, "data": "/x/y.jsonl", "steps": None}
     assert leftovers(tmp_path) == []
     (tmp_path / "config.json").write_text("{cut")
     with pytest.raises(CheckpointError, match="config.json"):
-        checkpoint.read_config(tmp_path)
+        runfolder.read_config(tmp_path)
 
 
 def test_append_metrics_nan_is_null_and_a_cut_line_is_not_extended(tmp_path):
-    checkpoint.append_metrics(tmp_path, {"step": 1, "loss": float("nan"), "x": [float("inf"), 2.0]})
+    runfolder.append_metrics(tmp_path, {"step": 1, "loss": float("nan"), "x": [float("inf"), 2.0]})
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 2, "lo')  # a kill mid-line
-    checkpoint.append_metrics(tmp_path, {"step": 2, "loss": 0.5})
+    runfolder.append_metrics(tmp_path, {"step": 2, "loss": 0.5})
     lines = (tmp_path / "metrics.jsonl").read_text().split("\n")
     assert json.loads(lines[0]) == {"step": 1, "loss": None, "x": [None, 2.0]}
     assert lines[1] == '{"step": 2, "lo' and json.loads(lines[2]) == {"step": 2, "loss": 0.5}
-    assert checkpoint.truncate_metrics(tmp_path, 5) == 2
+    assert runfolder.truncate_metrics(tmp_path, 5) == 2
 
 
 def test_truncate_metrics_keeps_earlier_steps_and_drops_a_cut_line(tmp_path):
-    assert checkpoint.truncate_metrics(tmp_path, 3) == 0  # no file yet
+    assert runfolder.truncate_metrics(tmp_path, 3) == 0  # no file yet
     for s in range(1, 6):
-        checkpoint.append_metrics(tmp_path, {"step": s})
+        runfolder.append_metrics(tmp_path, {"step": s})
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 6, "re')
-    assert checkpoint.truncate_metrics(tmp_path, 3) == 3
-    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert runfolder.truncate_metrics(tmp_path, 3) == 3
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
     assert leftovers(tmp_path) == []
 
 
 def test_truncate_metrics_is_atomic(tmp_path, monkeypatch):
     for s in range(1, 6):
-        checkpoint.append_metrics(tmp_path, {"step": s})
+        runfolder.append_metrics(tmp_path, {"step": s})
     before = (tmp_path / "metrics.jsonl").read_bytes()
 
-    def killed(src, dst):  # the new file is written; the process dies before it replaces the old one
+    def killed(src, dst):  # the new file is written; the process dies before it replaces the old
         assert Path(src).read_text().count("\n") == 2
         raise OSError(errno.EIO, "killed")
 
-    monkeypatch.setattr(checkpoint.os, "replace", killed)
+    monkeypatch.setattr(runfolder.os, "replace", killed)
     with pytest.raises(CheckpointError):
-        checkpoint.truncate_metrics(tmp_path, 2)
+        runfolder.truncate_metrics(tmp_path, 2)
     assert (tmp_path / "metrics.jsonl").read_bytes() == before
     assert leftovers(tmp_path) == []
 
@@ -149,10 +157,10 @@ def test_truncate_metrics_is_atomic(tmp_path, monkeypatch):
 def test_save_writes_a_complete_readable_checkpoint(tmp_path, tiny):
     path = save(tmp_path, 3, tiny, card="# my model\n")
     assert path == tmp_path / "step-3"
-    assert {"config.json", "model.safetensors", "tokenizer_config.json", "trainer_state.pt", "README.md"} <= \
-        {p.name for p in path.iterdir()}
-    assert checkpoint.loadable(path) == (True, "ok")
-    state = checkpoint.read_state(path)
+    assert {"config.json", "model.safetensors", "tokenizer_config.json", "trainer_state.pt",
+            "README.md"} <= {p.name for p in path.iterdir()}
+    assert runfolder.loadable(path) == (True, "ok")
+    state = runfolder.read_state(path)
     assert state["step"] == 3 and torch.equal(state["optimizer"]["exp_avg"], torch.ones(3))
     assert (path / "README.md").read_text() == "# my model\n"
     assert mode(path) == 0o755 and all(mode(p) == 0o644 for p in path.iterdir())
@@ -161,7 +169,7 @@ def test_save_writes_a_complete_readable_checkpoint(tmp_path, tiny):
 
 def test_save_refuses_a_state_of_another_step(tmp_path, tiny):
     with pytest.raises(ValueError, match="step"):
-        checkpoint.save(tmp_path, 2, *tiny, {"step": 1})
+        runfolder.save(tmp_path, 2, *tiny, {"step": 1})
 
 
 @pytest.mark.parametrize("kill", [RuntimeError("killed"), KeyboardInterrupt()])
@@ -171,11 +179,12 @@ def test_save_killed_midway_leaves_nothing(tmp_path, tiny, monkeypatch, kill):
     def dies(*a, **k):
         raise kill
 
-    monkeypatch.setattr(checkpoint.torch, "save", dies)
+    monkeypatch.setattr(runfolder.torch, "save", dies)
     with pytest.raises(type(kill)):
         save(tmp_path, 2, tiny)
-    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step-1"] and leftovers(tmp_path) == []
-    assert checkpoint.loadable(tmp_path / "step-1") == (True, "ok")
+    assert [p.name for p in runfolder.checkpoints(tmp_path)] == ["step-1"]
+    assert leftovers(tmp_path) == []
+    assert runfolder.loadable(tmp_path / "step-1") == (True, "ok")
 
 
 def test_save_enospc(tmp_path, tiny, monkeypatch):
@@ -184,7 +193,7 @@ def test_save_enospc(tmp_path, tiny, monkeypatch):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint.torch, "save", full)
+    monkeypatch.setattr(runfolder.torch, "save", full)
     with pytest.raises(CheckpointError, match=f"^no space left on the device at {tmp_path}$"):
         save(tmp_path, 2, tiny)
     assert leftovers(tmp_path) == [] and not (tmp_path / "step-2").exists()
@@ -194,11 +203,12 @@ def test_save_enospc_wrapped_by_safetensors(tmp_path, tiny, monkeypatch):
     model, tok = tiny
 
     def full(*a, **k):  # safetensors' own error type, ENOSPC only in its text
-        raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+        raise Exception("Error while serializing: I/O error: No space left on device "
+                        "(os error 28)")
 
     monkeypatch.setattr(model, "save_pretrained", full)
     with pytest.raises(CheckpointError, match="no space left on the device at"):
-        checkpoint.save(tmp_path, 1, model, tok, {})
+        runfolder.save(tmp_path, 1, model, tok, {})
     assert leftovers(tmp_path) == []
 
 
@@ -206,7 +216,7 @@ def test_save_other_oserror_names_the_path(tmp_path, tiny, monkeypatch):
     def denied(*a, **k):
         raise PermissionError(errno.EACCES, "Permission denied", "/some/file")
 
-    monkeypatch.setattr(checkpoint.torch, "save", denied)
+    monkeypatch.setattr(runfolder.torch, "save", denied)
     with pytest.raises(CheckpointError, match="cannot write /some/file: Permission denied"):
         save(tmp_path, 1, tiny)
 
@@ -217,7 +227,8 @@ def tiny_disk():
     if os.geteuid() != 0 or not shutil.which("mount"):
         pytest.skip("a real full disk needs root to mount a tmpfs")
     folder = tempfile.mkdtemp()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", folder], capture_output=True, text=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", folder],
+                          capture_output=True, text=True)
     if done.returncode:
         os.rmdir(folder)
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
@@ -230,13 +241,14 @@ def tiny_disk():
 
 def test_save_on_a_really_full_disk(tiny_disk, tiny):
     out = tiny_disk / "run"
-    with checkpoint.lock(out):
+    with runfolder.lock(out):
         save(out, 1, tiny)
         free = shutil.disk_usage(out).free
         with pytest.raises(CheckpointError, match=f"^no space left on the device at {out}$"):
             save(out, 2, tiny)
-        assert leftovers(out) == [] and shutil.disk_usage(out).free == free  # the partial copy is gone
-        assert checkpoint.resume_point(out) == (out / "step-1", [])
+        # the partial copy is gone
+        assert leftovers(out) == [] and shutil.disk_usage(out).free == free
+        assert runfolder.resume_point(out) == (out / "step-1", [])
 
 
 def test_resave_keeps_the_old_until_the_new_is_complete(tmp_path, tiny, monkeypatch):
@@ -244,16 +256,18 @@ def test_resave_keeps_the_old_until_the_new_is_complete(tmp_path, tiny, monkeypa
     real_save = torch.save
 
     def check_then_die(obj, f):
-        assert checkpoint.read_state(tmp_path / "step-2")["marker"] == "old"  # still in place
+        assert runfolder.read_state(tmp_path / "step-2")["marker"] == "old"  # still in place
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(checkpoint.torch, "save", check_then_die)
+    monkeypatch.setattr(runfolder.torch, "save", check_then_die)
     with pytest.raises(RuntimeError):
         save(tmp_path, 2, tiny, marker="new")
-    assert checkpoint.read_state(tmp_path / "step-2")["marker"] == "old" and leftovers(tmp_path) == []
-    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    assert runfolder.read_state(tmp_path / "step-2")["marker"] == "old"
+    assert leftovers(tmp_path) == []
+    monkeypatch.setattr(runfolder.torch, "save", real_save)
     save(tmp_path, 2, tiny, marker="new")
-    assert checkpoint.read_state(tmp_path / "step-2")["marker"] == "new" and leftovers(tmp_path) == []
+    assert runfolder.read_state(tmp_path / "step-2")["marker"] == "new"
+    assert leftovers(tmp_path) == []
 
 
 def test_resave_failing_at_the_final_rename_restores_the_old(tmp_path, tiny, monkeypatch):
@@ -265,20 +279,22 @@ def test_resave_failing_at_the_final_rename_restores_the_old(tmp_path, tiny, mon
             raise OSError(errno.EIO, "I/O error")
         real_replace(src, dst)
 
-    monkeypatch.setattr(checkpoint.os, "replace", fails_into_place)
+    monkeypatch.setattr(runfolder.os, "replace", fails_into_place)
     with pytest.raises(CheckpointError, match="I/O error"):
         save(tmp_path, 2, tiny, marker="new")
-    assert checkpoint.read_state(tmp_path / "step-2")["marker"] == "old" and leftovers(tmp_path) == []
+    assert runfolder.read_state(tmp_path / "step-2")["marker"] == "old"
+    assert leftovers(tmp_path) == []
 
 
 def test_keep_last(tmp_path, tiny):
     for s in range(1, 6):
         save(tmp_path, s, tiny, keep_last=2)
-        assert len(checkpoint.checkpoints(tmp_path)) == min(s, 2)
-    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step-4", "step-5"]
+        assert len(runfolder.checkpoints(tmp_path)) == min(s, 2)
+    assert [p.name for p in runfolder.checkpoints(tmp_path)] == ["step-4", "step-5"]
     save(tmp_path, 6, tiny, keep_last=1)
-    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step-6"] and leftovers(tmp_path) == []
-    assert "optimizer" in checkpoint.read_state(tmp_path / "step-6")
+    assert [p.name for p in runfolder.checkpoints(tmp_path)] == ["step-6"]
+    assert leftovers(tmp_path) == []
+    assert "optimizer" in runfolder.read_state(tmp_path / "step-6")
     with pytest.raises(ValueError):
         save(tmp_path, 7, tiny, keep_last=0)
 
@@ -287,44 +303,46 @@ def test_export_final_loads_with_from_pretrained(tmp_path, tiny):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model, tok = tiny
-    path = checkpoint.export_final(tmp_path, model, tok, card="card")
-    checkpoint.export_final(tmp_path, model, tok)  # a second export replaces the first
-    assert path == tmp_path / "final" and not (path / "trainer_state.pt").exists() and leftovers(tmp_path) == []
+    path = runfolder.export_final(tmp_path, model, tok, card="card")
+    runfolder.export_final(tmp_path, model, tok)  # a second export replaces the first
+    assert path == tmp_path / "final" and not (path / "trainer_state.pt").exists()
+    assert leftovers(tmp_path) == []
     loaded = AutoModelForCausalLM.from_pretrained(path)
     AutoTokenizer.from_pretrained(path)
     ids = torch.tensor([[1, 5, 7]])
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
     assert not (path / "README.md").exists()  # the second export had no card
-    assert checkpoint.checkpoints(tmp_path) == []
+    assert runfolder.checkpoints(tmp_path) == []
 
 
 def test_is_finite_state():
     layer = torch.nn.Linear(2, 2)
-    assert checkpoint.is_finite_state(layer)
+    assert runfolder.is_finite_state(layer)
     with torch.no_grad():
         layer.weight[0, 1] = float("nan")
-    assert not checkpoint.is_finite_state(layer)
+    assert not runfolder.is_finite_state(layer)
 
 
-# ----------------------------------------------------------------------------- finding and resuming
+# ---------------------------------------------------------------------------- finding and resuming
 
 def test_checkpoints_ignores_other_names(tmp_path):
     for name in ("step-10", "step-9", "step-x", "step-3.bak", "abandoned", "final"):
         (tmp_path / name).mkdir()
     (tmp_path / "step-11").write_text("a file")
-    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step-9", "step-10"]
+    assert [p.name for p in runfolder.checkpoints(tmp_path)] == ["step-9", "step-10"]
 
 
 def test_resume_point_falls_back_past_broken_checkpoints(tmp_path, tiny):
     for s in (1, 2, 3, 4):
         save(tmp_path, s, tiny)
     state = tmp_path / "step-4" / "trainer_state.pt"
-    state.write_bytes(state.read_bytes()[:200])  # cut short by a kill (no .tmp rename on old versions)
+    # cut short by a kill (no .tmp rename on old versions)
+    state.write_bytes(state.read_bytes()[:200])
     (tmp_path / "step-3" / "model.safetensors").unlink()
     weights = tmp_path / "step-2" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
-    path, skipped = checkpoint.resume_point(tmp_path)
+    path, skipped = runfolder.resume_point(tmp_path)
     assert path == tmp_path / "step-1"
     assert [(p.name, why.split(" (")[0]) for p, why in skipped] == [
         ("step-4", "trainer_state.pt is unreadable"), ("step-3", "model.safetensors is missing"),
@@ -337,38 +355,70 @@ def test_resume_point_other_reasons(tmp_path, tiny):
     (tmp_path / "step-1" / "tokenizer.json").unlink()
     (tmp_path / "step-1" / "tokenizer_config.json").unlink()
     with pytest.raises(CheckpointError) as e:
-        checkpoint.resume_point(tmp_path)
-    assert str(e.value) == (f"no checkpoint to resume in {tmp_path}; step-7: trainer_state.pt is for step 1; "
+        runfolder.resume_point(tmp_path)
+    assert str(e.value) == (f"no checkpoint to resume in {tmp_path}; "
+                            "step-7: trainer_state.pt is for step 1; "
                             "step-1: tokenizer files are missing")
-    assert checkpoint.loadable(tmp_path / "nope")[0] is False
+    assert runfolder.loadable(tmp_path / "nope")[0] is False
     (tmp_path / "step-7" / "config.json").unlink()
-    assert checkpoint.loadable(tmp_path / "step-7") == (False, "config.json is missing")
+    assert runfolder.loadable(tmp_path / "step-7") == (False, "config.json is missing")
 
 
 def test_resume_point_nothing_and_requested(tmp_path, tiny):
     with pytest.raises(CheckpointError, match=f"^no checkpoint to resume in {tmp_path}$"):
-        checkpoint.resume_point(tmp_path)
+        runfolder.resume_point(tmp_path)
     save(tmp_path, 1, tiny)
     save(tmp_path, 2, tiny)
-    assert checkpoint.resume_point(tmp_path, str(tmp_path / "step-1")) == (tmp_path / "step-1", [])
-    assert checkpoint.resume_point(tmp_path, "step-1") == (tmp_path / "step-1", [])
+    assert runfolder.resume_point(tmp_path, str(tmp_path / "step-1")) == (tmp_path / "step-1", [])
+    assert runfolder.resume_point(tmp_path, "step-1") == (tmp_path / "step-1", [])
     (tmp_path / "step-1" / "trainer_state.pt").unlink()
     with pytest.raises(CheckpointError, match="step-1: trainer_state.pt is missing"):
-        checkpoint.resume_point(tmp_path, "step-1")
+        runfolder.resume_point(tmp_path, "step-1")
 
 
 def test_read_state_unreadable(tmp_path):
     (tmp_path / "trainer_state.pt").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="trainer_state.pt: unreadable"):
-        checkpoint.read_state(tmp_path)
+        runfolder.read_state(tmp_path)
 
 
 def test_set_aside_after_moves_never_deletes(tmp_path, tiny):
     for s in (1, 2, 3):
         save(tmp_path, s, tiny)
     (tmp_path / "abandoned" / "step-3").mkdir(parents=True)  # set aside by an earlier resume
-    moved = checkpoint.set_aside_after(tmp_path, 1)
-    assert [p.relative_to(tmp_path).as_posix() for p in moved] == ["abandoned/step-2", "abandoned/step-3.1"]
-    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step-1"]
-    assert all(checkpoint.loadable(p)[0] for p in moved) and (tmp_path / "abandoned" / "step-3").is_dir()
-    assert checkpoint.set_aside_after(tmp_path, 1) == []
+    moved = runfolder.set_aside_after(tmp_path, 1)
+    assert [p.relative_to(tmp_path).as_posix() for p in moved] == ["abandoned/step-2",
+                                                                    "abandoned/step-3.1"]
+    assert [p.name for p in runfolder.checkpoints(tmp_path)] == ["step-1"]
+    assert all(runfolder.loadable(p)[0] for p in moved)
+    assert (tmp_path / "abandoned" / "step-3").is_dir()
+    assert runfolder.set_aside_after(tmp_path, 1) == []
+
+
+# ------------------------------------------------------------------------- folders for other tools
+
+def test_sentence_transformers_refuses_a_guarded_checkpoint(tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    import evaluate
+    import policy
+
+    model, tokenizer = policy.load("tiny")
+    folder = tmp_path / "step-5"
+    model.save_pretrained(folder), tokenizer.save_pretrained(folder)
+    for name, text in runfolder.st_guard_files().items():
+        (folder / name).write_text(text)
+    (folder / "README.md").write_text(runfolder.model_card({"max_new_tokens": 24, "step": 5}))
+    guarded = "This is a GRACE checkpoint, not a sentence-transformers model"
+    with pytest.raises(Exception, match=guarded) as e:
+        SentenceTransformer(str(folder))
+    assert "GraceEncoder" in str(e.value) and "pip install" not in str(e.value)
+    # grace itself still loads the folder
+    assert evaluate.GraceEncoder(str(folder), max_new_tokens=2).encode(["a text"]).shape == (1, 64)
+
+
+def test_model_card_says_how_to_embed():
+    card = runfolder.model_card({"max_new_tokens": 24, "base_model": "tiny"})
+    assert "GraceEncoder(" in card and "evaluate.py --model" in card
+    assert "sentence-transformers" in card
+    assert '`max_new_tokens`: 24' in card

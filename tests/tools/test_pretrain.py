@@ -1,12 +1,15 @@
-"""pretrain.py: the tokenizer, the chat samples, a deterministic (tiny) build, and the shipped models/tiny-lm."""
+"""tools/pretrain.py: the tokenizer, the chat samples, a deterministic (tiny) build, and the shipped models/tiny-lm."""
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import policy
-import pretrain
-from conftest import ROOT
+from helpers import ROOT
+from infra import tiny
+from tools import pretrain
 
 SHIPPED = ROOT / "models" / "tiny-lm"
 LINES = [
@@ -47,7 +50,7 @@ def test_tokenizer_round_trip_and_reload(tokenizer, tmp_path):
     texts = VARIED + [policy.render_prompt(tokenizer, t) for t in VARIED]
     assert loaded(texts, add_special_tokens=False)["input_ids"] == tokenizer(texts, add_special_tokens=False)["input_ids"]
     assert (loaded.eos_token_id, loaded.pad_token_id) == (tokenizer.eos_token_id, tokenizer.pad_token_id)
-    assert loaded.chat_template == policy.TINY_CHAT_TEMPLATE
+    assert loaded.chat_template == tiny.TINY_CHAT_TEMPLATE
 
 
 def test_chat_sample_is_grace_prompt_plus_answer(tokenizer):
@@ -83,6 +86,7 @@ def _build(corpus, out, seed):
     return load_file(out / "model.safetensors")
 
 
+@pytest.mark.slow
 def test_build_is_deterministic_from_seed(corpus, tmp_path):
     a, b = _build(corpus, tmp_path / "a", 0), _build(corpus, tmp_path / "b", 0)
     c = _build(corpus, tmp_path / "c", 1)
@@ -91,6 +95,7 @@ def test_build_is_deterministic_from_seed(corpus, tmp_path):
     out = tmp_path / "a"
     for name in ("config.json", "generation_config.json", "tokenizer.json", "README.md", "WORDNET_LICENSE"):
         assert (out / name).exists(), name
+    assert "OMP_NUM_THREADS=1 python tools/pretrain.py --steps 3" in (out / "README.md").read_text()  # how to rebuild
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "step" in r] == [0, 2] and records[-1]["heldout_ppl"] > 1
     model, tok = policy.load(str(out))  # loads like any model folder, as float32
@@ -104,13 +109,30 @@ def test_policy_does_not_import_pretrain():
     tree = ast.parse((ROOT / "policy.py").read_text())
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert "pretrain" not in names  # imports flow one way: pretrain -> policy
+    assert not names & {"pretrain", "tools", "tools.pretrain"}  # imports flow one way: pretrain -> policy
+
+
+def test_without_a_data_folder_it_says_what_it_needs_in_one_line(tmp_path, capsys):
+    for argv in ([], ["--data-dir", str(tmp_path)]):  # no folder given; a folder without the WordNet files
+        with pytest.raises(SystemExit) as e:
+            pretrain.main(argv + ["--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1
+        assert all(name in err for name in (*pretrain.CORPUS_FILES, pretrain.LICENSE_FILE)) and "WordNet" in err
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_runs_as_a_script_from_the_repo_root(tmp_path):
+    """`python tools/pretrain.py` finds the project's modules (the repo root is put on sys.path)."""
+    done = subprocess.run([sys.executable, "tools/pretrain.py", "--out", str(tmp_path / "out")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--data-dir" in done.stderr and "Traceback" not in done.stderr
 
 
 @pytest.fixture(scope="module")
 def shipped():
     if not (SHIPPED / "model.safetensors").exists():
-        pytest.skip(f"{SHIPPED} is not built (python pretrain.py)")
+        pytest.skip(f"{SHIPPED} is not built (python tools/pretrain.py)")
     return policy.load(str(SHIPPED))
 
 
@@ -141,5 +163,6 @@ def test_shipped_model_answers_with_eos(shipped):
 def test_shipped_model_embeddings_depend_on_the_text(shipped):
     model, tok = shipped
     ids, mask, start = policy.build_prompts(tok, ["a small dog", "the stock market fell sharply today"])
-    h = policy.embed(model, ids, mask, policy.pool_mask_from(mask, start))
+    with torch.no_grad():
+        h = policy.mean_pool(policy.hidden_states(model, ids, mask), policy.pool_mask_from(mask, start))
     assert float(h[0] @ h[1]) < 0.99

@@ -1,10 +1,11 @@
-"""data.py: every reader returns the right rows, or fails as one line naming file, line and field."""
+"""infra/data.py: every reader returns the right rows, or fails as one line naming file, line and
+field."""
 import json
 
 import pytest
 
-import data
-from data import DataError
+from infra import data
+from infra.data import DataError
 
 
 def write(folder, name, content):
@@ -15,7 +16,8 @@ def write(folder, name, content):
 
 
 def jsonl(folder, name, rows):
-    return write(folder, name, "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    text = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+    return write(folder, name, text)
 
 
 def fails(fn, *args, contains=()):
@@ -36,7 +38,8 @@ TRIPLE = {"query": "q", "positive": "p", "negative": "n"}
 
 def test_read_lines_splits_on_newline_only(tmp_path):
     p = write(tmp_path, "a.txt", "\ufeffone\u2028still one\r\ntwo\x85\x0ctwo\n\nfour")
-    assert data.read_lines(p) == [(1, "one\u2028still one"), (2, "two\x85\x0ctwo"), (3, ""), (4, "four")]
+    assert data.read_lines(p) == [(1, "one\u2028still one"), (2, "two\x85\x0ctwo"), (3, ""),
+                                  (4, "four")]
 
 
 def test_read_lines_invalid_utf8_names_the_line(tmp_path):
@@ -66,12 +69,14 @@ def test_u2028_inside_a_jsonl_string_is_one_record(tmp_path):
 
 def test_u2028_inside_a_txt_line_is_one_record(tmp_path):
     p = write(tmp_path, "a.txt", "first\u2028half\nsecond\n\n")
-    assert data.load_records(p, "unsupervised") == [{"text": "first\u2028half"}, {"text": "second"}]
+    assert data.load_records(p, "unsupervised") == [{"text": "first\u2028half"},
+                                                    {"text": "second"}]
 
 
 def test_json_array_gets_the_jsonl_hint(tmp_path):
     p = write(tmp_path, "a.json", json.dumps([TRIPLE, TRIPLE], indent=1))
-    fails(data.load_records, p, "supervised", contains=(str(p), "is a JSON array: write one object per line (JSONL)"))
+    fails(data.load_records, p, "supervised",
+          contains=(str(p), "is a JSON array: write one object per line (JSONL)"))
     p = write(tmp_path, "b.jsonl", json.dumps([TRIPLE]))
     fails(data.read_rows, p, contains=("is a JSON array",))
 
@@ -86,12 +91,14 @@ def test_invalid_json_and_non_object_name_the_line(tmp_path):
 
 
 def test_csv_bom_quotes_and_physical_line_numbers(tmp_path):
-    p = write(tmp_path, "a.csv", '\ufeffquery,positive,negative\r\n"multi\nline",p1,n1\r\n\r\nq2,"a, b",n2\r\n')
+    p = write(tmp_path, "a.csv",
+              '\ufeffquery,positive,negative\r\n"multi\nline",p1,n1\r\n\r\nq2,"a, b",n2\r\n')
     rows = data.read_rows(p)
     assert rows == [(2, {"query": "multi\nline", "positive": "p1", "negative": "n1"}),
                     (5, {"query": "q2", "positive": "a, b", "negative": "n2"})]
     p = write(tmp_path, "b.csv", "query,positive,negative\nq,p,n\nq, ,n\n")
-    fails(data.load_records, p, "supervised", contains=(f"{p}:3:", "field 'positive'", "whitespace"))
+    fails(data.load_records, p, "supervised",
+          contains=(f"{p}:3:", "field 'positive'", "whitespace"))
 
 
 def test_csv_wrong_field_count_names_the_line(tmp_path):
@@ -118,8 +125,9 @@ def test_parquet_through_datasets(tmp_path):
 
 
 def test_unreachable_hub_name_is_one_line():
-    pytest.importorskip("datasets")  # conftest sets HF_DATASETS_OFFLINE: fails at once, no download
-    fails(data.read_rows, "nobody/no-such-dataset-xyz", contains=("nobody/no-such-dataset-xyz: cannot read",))
+    pytest.importorskip("datasets")  # conftest sets HF_DATASETS_OFFLINE: fails at once
+    fails(data.read_rows, "nobody/no-such-dataset-xyz",
+          contains=("nobody/no-such-dataset-xyz: cannot read",))
 
 
 def test_broken_parquet_is_one_line(tmp_path):
@@ -131,8 +139,10 @@ def test_broken_parquet_is_one_line(tmp_path):
 # ----------------------------------------------------------------------------- load_records
 
 def test_load_records_supervised_with_aliases_and_negative_list(tmp_path):
-    p = jsonl(tmp_path, "a.jsonl", [TRIPLE, {"anchor": "a", "positive": "p", "hard_negative": ["n1", "n2"], "x": 1}])
-    assert data.load_records(p, "supervised") == [TRIPLE, {"query": "a", "positive": "p", "negative": "n1"}]
+    aliased = {"anchor": "a", "positive": "p", "hard_negative": ["n1", "n2"], "x": 1}
+    p = jsonl(tmp_path, "a.jsonl", [TRIPLE, aliased])
+    assert data.load_records(p, "supervised") == [TRIPLE, {"query": "a", "positive": "p",
+                                                           "negative": "n1"}]
 
 
 @pytest.mark.parametrize("row, field, words", [
@@ -153,9 +163,11 @@ def test_load_records_unsupervised_whitespace_and_mode_hints(tmp_path):
     p = jsonl(tmp_path, "a.jsonl", [{"text": "a"}, {"text": "   "}])
     fails(data.load_records, p, "unsupervised", contains=(f"{p}:2:", "field 'text'", "whitespace"))
     p = jsonl(tmp_path, "b.jsonl", [{"text": "a"}])
-    fails(data.load_records, p, "supervised", contains=(f"{p}:1:", "field 'query'", "--mode unsupervised"))
+    fails(data.load_records, p, "supervised",
+          contains=(f"{p}:1:", "field 'query'", "--mode unsupervised"))
     p = jsonl(tmp_path, "c.jsonl", [TRIPLE])
-    fails(data.load_records, p, "unsupervised", contains=(f"{p}:1:", "field 'text'", "--mode supervised"))
+    fails(data.load_records, p, "unsupervised",
+          contains=(f"{p}:1:", "field 'text'", "--mode supervised"))
 
 
 def test_txt_in_supervised_mode_gets_the_hint(tmp_path):
@@ -172,7 +184,8 @@ def test_no_records(tmp_path):
 
 
 def test_sample_data_loads():
-    assert len(data.load_records(data.Path(__file__).parents[1] / "data" / "sample_triples.jsonl", "supervised")) > 1
+    path = data.Path(__file__).parents[2] / "data" / "sample_triples.jsonl"
+    assert len(data.load_records(path, "supervised")) > 1
 
 
 # ----------------------------------------------------------------------------- load_sts_pairs
@@ -191,8 +204,9 @@ def test_sts_pairs_and_limit(tmp_path):
     ("true", ("a boolean",)), ("NaN", ("finite", "nan")), ("Infinity", ("finite", "inf")),
     ("-Infinity", ("finite",)), ('"3.0"', ("a string",)), ("null", ("must be a number",))])
 def test_sts_bad_score(tmp_path, bad, words):
-    p = write(tmp_path, "s.jsonl", json.dumps(sts(0, 1)) + '\n{"sentence1": "x", "sentence2": "y", "score": '
-              + bad + "}\n" + json.dumps(sts(2, 3)) + "\n")
+    p = write(tmp_path, "s.jsonl", json.dumps(sts(0, 1))
+              + '\n{"sentence1": "x", "sentence2": "y", "score": ' + bad + "}\n"
+              + json.dumps(sts(2, 3)) + "\n")
     fails(data.load_sts_pairs, p, contains=(f"{p}:2:", "field 'score'", *words))
 
 
@@ -218,11 +232,14 @@ def test_sts_constant_scores(tmp_path):
 
 # ----------------------------------------------------------------------------- load_retrieval
 
-def beir(tmp_path, corpus=None, queries=None, qrels="query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td2\t0\n"):
+def beir(tmp_path, corpus=None, queries=None,
+         qrels="query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td2\t0\n"):
     folder = tmp_path / "beir"
     jsonl(folder, "corpus.jsonl", corpus or [{"_id": "d1", "title": "T", "text": "doc one"},
-                                             {"_id": "d2", "text": "doc two"}, {"_id": 3, "title": "Only", "text": ""}])
-    jsonl(folder, "queries.jsonl", queries or [{"_id": "q1", "text": "query one"}, {"_id": "q2", "text": "two"}])
+                                             {"_id": "d2", "text": "doc two"},
+                                             {"_id": 3, "title": "Only", "text": ""}])
+    jsonl(folder, "queries.jsonl", queries or [{"_id": "q1", "text": "query one"},
+                                               {"_id": "q2", "text": "two"}])
     if qrels is not None:
         write(folder, "qrels/test.tsv", qrels)
     return folder
@@ -236,17 +253,21 @@ def test_retrieval_loads(tmp_path):
 
 
 def test_retrieval_duplicate_ids_name_both_lines(tmp_path):
-    folder = beir(tmp_path, corpus=[{"_id": "d1", "text": "a"}, {"_id": "d2", "text": "b"}, {"_id": "d1", "text": "c"}])
-    fails(data.load_retrieval, folder, contains=(f"{folder / 'corpus.jsonl'}:3:", "duplicate _id 'd1'", "line 1"))
+    folder = beir(tmp_path, corpus=[{"_id": "d1", "text": "a"}, {"_id": "d2", "text": "b"},
+                                    {"_id": "d1", "text": "c"}])
+    fails(data.load_retrieval, folder,
+          contains=(f"{folder / 'corpus.jsonl'}:3:", "duplicate _id 'd1'", "line 1"))
     folder = beir(tmp_path, queries=[{"_id": "q1", "text": "a"}, {"_id": "q1", "text": "b"}])
-    fails(data.load_retrieval, folder, contains=(f"{folder / 'queries.jsonl'}:2:", "duplicate _id 'q1'", "line 1"))
+    fails(data.load_retrieval, folder,
+          contains=(f"{folder / 'queries.jsonl'}:2:", "duplicate _id 'q1'", "line 1"))
 
 
 def test_retrieval_blank_texts(tmp_path):
     folder = beir(tmp_path, corpus=[{"_id": "d1", "text": " "}])
     fails(data.load_retrieval, folder, contains=(f"{folder / 'corpus.jsonl'}:1:", "field 'text'"))
     folder = beir(tmp_path, queries=[{"_id": "q1", "text": "a"}, {"_id": "q2"}])
-    fails(data.load_retrieval, folder, contains=(f"{folder / 'queries.jsonl'}:2:", "field 'text'", "missing"))
+    fails(data.load_retrieval, folder,
+          contains=(f"{folder / 'queries.jsonl'}:2:", "field 'text'", "missing"))
 
 
 @pytest.mark.parametrize("qrels, words", [
@@ -258,7 +279,8 @@ def test_retrieval_blank_texts(tmp_path):
 def test_retrieval_bad_qrels_row(tmp_path, qrels, words):
     folder = beir(tmp_path, qrels=qrels)
     line = qrels.count("\n")
-    fails(data.load_retrieval, folder, contains=(f"{folder / 'qrels' / 'test.tsv'}:{line}:", *words))
+    fails(data.load_retrieval, folder,
+          contains=(f"{folder / 'qrels' / 'test.tsv'}:{line}:", *words))
 
 
 def test_retrieval_qrels_header_only_no_relevant_no_files(tmp_path):
@@ -280,24 +302,27 @@ def test_retrieval_missing_corpus(tmp_path):
 # ----------------------------------------------------------------------------- load_classification
 
 def labelled(n_per_label, labels=("a", "b")):
-    return [{"text": f"{lab} text {i}", "label": lab} for lab in labels for i in range(n_per_label)]
+    return [{"text": f"{lab} text {i}", "label": lab}
+            for lab in labels for i in range(n_per_label)]
 
 
 def test_classification_file_split_per_label(tmp_path):
-    p = jsonl(tmp_path, "c.jsonl", labelled(10) + [{"text": "c 1", "category": 7}, {"text": "c 2", "category": 7}])
+    sevens = [{"text": "c 1", "category": 7}, {"text": "c 2", "category": 7}]
+    p = jsonl(tmp_path, "c.jsonl", labelled(10) + sevens)
     out = data.load_classification(p)
     test_labels = [lab for _, lab in out["test"]]
-    assert test_labels.count("a") == 2 and test_labels.count("b") == 2 and test_labels.count("7") == 1
+    assert test_labels.count("a") == 2 and test_labels.count("b") == 2
+    assert test_labels.count("7") == 1
     assert len(out["train"]) + len(out["test"]) == 22
     assert not {t for t, _ in out["train"]} & {t for t, _ in out["test"]}
     assert data.load_classification(p) == out  # seeded
 
 
 def test_classification_split_is_the_one_evaluate_always_made(tmp_path):
-    # pinned from evaluate._split_rows before the move: earlier scores were measured on these test rows
+    # pinned from evaluate._split_rows before the move: earlier scores were measured on these rows
     rows = [(f"t{i}", "ab"[i % 3 == 0]) for i in range(30)]
-    assert data.split_rows(rows)["test"] == [("t2", "a"), ("t11", "a"), ("t26", "a"), ("t10", "a"), ("t21", "b"),
-                                             ("t6", "b")]
+    assert data.split_rows(rows)["test"] == [("t2", "a"), ("t11", "a"), ("t26", "a"), ("t10", "a"),
+                                             ("t21", "b"), ("t6", "b")]
 
 
 def test_classification_csv(tmp_path):
@@ -316,8 +341,9 @@ def test_classification_singleton_label(tmp_path):
     fails(data.load_classification, p, contains=(f"{p}:11:", "label 'z'", "single row"))
 
 
-@pytest.mark.parametrize("label, words", [(True, ("a boolean",)), ("", ("empty",)), (" ", ("empty",)),
-                                          (None, ("missing",)), (1.5, ("a number",))])
+@pytest.mark.parametrize("label, words", [(True, ("a boolean",)), ("", ("empty",)),
+                                          (" ", ("empty",)), (None, ("missing",)),
+                                          (1.5, ("a number",))])
 def test_classification_bad_label(tmp_path, label, words):
     p = jsonl(tmp_path, "c.jsonl", labelled(3) + [{"text": "x", "label": label}])
     fails(data.load_classification, p, contains=(f"{p}:7:", "field 'label'", *words))
@@ -331,8 +357,8 @@ def test_classification_blank_text(tmp_path):
 def test_classification_folder_used_as_given_and_leak_removed(tmp_path):
     folder = tmp_path / "cls"
     jsonl(folder, "train.jsonl", labelled(3))
-    jsonl(folder, "test.jsonl", [{"text": "a text 0", "label": "a"}, {"text": "new a", "label": "a"},
-                                 {"text": "new b", "label": "b"}])
+    jsonl(folder, "test.jsonl", [{"text": "a text 0", "label": "a"},
+                                 {"text": "new a", "label": "a"}, {"text": "new b", "label": "b"}])
     with pytest.warns(UserWarning, match="dropped 1 test rows"):
         out = data.load_classification(folder)
     assert out["test"] == [("new a", "a"), ("new b", "b")]
@@ -340,7 +366,8 @@ def test_classification_folder_used_as_given_and_leak_removed(tmp_path):
 
 
 def test_classification_leak_in_a_single_file(tmp_path):
-    p = jsonl(tmp_path, "c.jsonl", [{"text": "same", "label": "a"}] * 5 + labelled(5, labels=("b",)))
+    p = jsonl(tmp_path, "c.jsonl",
+              [{"text": "same", "label": "a"}] * 5 + labelled(5, labels=("b",)))
     with pytest.warns(UserWarning, match="dropped 1 test rows"):
         out = data.load_classification(p)
     assert "same" not in {t for t, _ in out["test"]}
@@ -351,7 +378,8 @@ def test_classification_folder_errors(tmp_path):
     jsonl(folder, "train.jsonl", labelled(3))
     fails(data.load_classification, folder, contains=("no test.csv",))
     jsonl(folder, "test.jsonl", [{"text": "new", "label": "zz"}])
-    fails(data.load_classification, folder, contains=(f"{folder / 'test.jsonl'}:1:", "label 'zz'", "never occurs"))
+    fails(data.load_classification, folder,
+          contains=(f"{folder / 'test.jsonl'}:1:", "label 'zz'", "never occurs"))
     jsonl(folder, "test.jsonl", [{"text": "a text 0", "label": "a"}])
     with pytest.warns(UserWarning), pytest.raises(DataError, match="no test rows left"):
         data.load_classification(folder)

@@ -1,21 +1,23 @@
 """Fully sharded data parallelism (FSDP2, torch.distributed.fsdp.fully_shard) for the GRACE policy.
 
-Plain data parallelism keeps on every rank fp32 weights (4 B/param), gradients (4 B) and AdamW's two
-moments (8 B): 16 B/param, 64 GB for a 4B model before any activation. Under `--fsdp` each rank keeps
-1/N of all three:
+Plain data parallelism keeps on every rank fp32 weights (4 B/param), gradients (4 B) and AdamW's
+two moments (8 B): 16 B/param, 64 GB for a 4B model before any activation. Under `--fsdp` each rank
+keeps 1/N of all three:
 
-    units:    every decoder layer (transformers' `_no_split_modules`) is one FSDP unit; the root unit
-              holds the rest (embeddings, final norm, output head; with tie_word_embeddings the head
-              and the embedding are one parameter, so they must sit in one unit, and the root is it)
+    units:    every decoder layer (transformers' `_no_split_modules`) is one FSDP unit; the root
+              unit holds the rest (embeddings, final norm, output head; with tie_word_embeddings
+              the head and the embedding are one parameter, so they must sit in one unit, and the
+              root is it)
     forward:  a unit all-gathers its parameters, runs, frees them again (reshard_after_forward)
-    backward: all-gather again, compute, reduce-scatter the gradients: each rank keeps the *average*
-              of its 1/N slice (FSDP divides by N), so no hand all-reduce is needed on this path
+    backward: all-gather again, compute, reduce-scatter the gradients: each rank keeps the
+              *average* of its 1/N slice (FSDP divides by N), so no hand all-reduce is needed on
+              this path
     step:     AdamW on the local slices (DTensors): its state is sharded with them
 
 Rollouts are not sampled from the sharded model. A rollout batch of T decode steps would all-gather
 every layer T times (T = 2048 in the release: 2048 x the model's bytes through the interconnect per
 batch), ranks whose rollouts stop at different steps would issue different numbers of collectives
-and hang, and FSDP's hooks cannot be traced by torch.compile. So every rank keeps a `decode_copy`: a
+and hang, and FSDP's hooks cannot be traced by torch.compile. So every rank keeps a `plain_copy`: a
 plain, unsharded, hook-free model with the same weights (Linear weights in bf16 on GPU, the dtype
 autocast computes them in, 2 B/param; the rest, mostly the embedding table, fp32), refreshed by
 gathering one unit at a time at the first rollout call after each optimizer step (`sampler`).
@@ -39,7 +41,8 @@ import weakref
 
 import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+                                                     get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -51,14 +54,16 @@ def layers(model):
     names = set(getattr(model, "_no_split_modules", None) or ())
     found = [m for m in model.modules() if type(m).__name__ in names]
     if not found:
-        raise NotImplementedError(f"{type(model).__name__}: no _no_split_modules to shard layer by layer")
+        raise NotImplementedError(f"{type(model).__name__}: no _no_split_modules to shard "
+                                  "layer by layer")
     return found
 
 
 def shard(model, device, offload=False):
-    """Shard `model` (on `device`) in place over the default process group: a unit per decoder layer + the root.
-    offload: parameters, gradients and AdamW state live on the CPU (CPUOffloadPolicy); the GPU holds
-    only what is gathered for compute. Call before creating the optimizer. -> the model."""
+    """Shard `model` (on `device`) in place over the default process group: a unit per decoder
+    layer + the root.
+    offload: parameters, gradients and AdamW state live on the CPU (CPUOffloadPolicy); the GPU
+    holds only what is gathered for compute. Call before creating the optimizer. -> the model."""
     policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
     for layer in layers(model):
         fully_shard(layer, offload_policy=policy)
@@ -66,22 +71,26 @@ def shard(model, device, offload=False):
     model._gathered = None  # unknown until the first call
 
     def pre_forward(module, args, kwargs):  # a decode step: no gradient, a KV cache filled
-        _switch(model, gathered=not torch.is_grad_enabled() and kwargs.get("use_cache") is not False)
+        _switch(model,
+                gathered=not torch.is_grad_enabled() and kwargs.get("use_cache") is not False)
 
     for entry in (model, model.base_model):
-        entry.register_forward_pre_hook(pre_forward, prepend=True, with_kwargs=True)  # before FSDP's own
+        entry.register_forward_pre_hook(pre_forward, prepend=True,
+                                        with_kwargs=True)  # before FSDP's own
     with torch.no_grad():  # the first FSDP forward picks the root: make it this one, not a layer
         model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
     reshard(model)  # model.parameters() are the sharded ones again: what the optimizer must hold
     return model
 
 
-def decode_copy(model, device, dtype=None):
-    """A plain copy of the sharded model to sample rollouts from; a collective (every rank calls it).
+def plain_copy(model, device, dtype=None):
+    """A plain copy of the sharded model to sample rollouts from; a collective (every rank
+    calls it).
 
-    Built from the model's config (no weights read from disk), its nn.Linear weights in `dtype` (the
-    autocast dtype on GPU: what autocast would compute them in; a tied head then gets its own; None
-    keeps fp32), everything else in fp32, filled by `refresh`. -> the copy (eval mode, no gradients).
+    Built from the model's config (no weights read from disk), its nn.Linear weights in `dtype`
+    (the autocast dtype on GPU: what autocast would compute them in; a tied head then gets its
+    own; None keeps fp32), everything else in fp32, filled by `refresh`. -> the copy (eval mode,
+    no gradients).
     """
     from transformers import AutoModelForCausalLM
 
@@ -98,18 +107,20 @@ def decode_copy(model, device, dtype=None):
                     m.bias = torch.nn.Parameter(m.bias.to(dtype), requires_grad=False)
     with torch.no_grad():
         buffers = dict(low.named_buffers())
-        for name, b in model.named_buffers():  # rotary tables: not sharded, not in the config's init
+        # rotary tables: not sharded, not in the config's init
+        for name, b in model.named_buffers():
             buffers[name].copy_(full_tensor(b))
     return refresh(low, model)
 
 
 @torch.no_grad()
 def refresh(low, model):
-    """Copy the sharded weights into `low`, one FSDP unit gathered at a time (the root unit, then each
-    layer, freed again at once): the peak is one layer and the root. A collective. -> low."""
+    """Copy the sharded weights into `low`, one FSDP unit gathered at a time (the root unit, then
+    each layer, freed again at once): the peak is one layer and the root. A collective. -> low."""
     reshard(model)
     dst = dict(low.named_parameters(remove_duplicate=False))
-    prefixes = {m: name + "." for name, m in model.named_modules() if isinstance(m, FSDPModule) and m is not model}
+    prefixes = {m: name + "." for name, m in model.named_modules()
+                if isinstance(m, FSDPModule) and m is not model}
     model.unshard()  # the root unit: everything outside the layers
     for name, p in model.named_parameters(remove_duplicate=False):
         if not any(name.startswith(prefix) for prefix in prefixes.values()):
@@ -131,7 +142,7 @@ def sampler(model, device, dtype=None, stale=True):
     weights may have changed since: an optimizer step came in between; the side rollouts of a step
     and the later batches of an STS check pass False). A collective."""
     if model not in _copies:
-        _copies[model] = decode_copy(model, device, dtype)
+        _copies[model] = plain_copy(model, device, dtype)
     elif stale:
         refresh(_copies[model], model)
     return _copies[model]
@@ -149,7 +160,8 @@ def _switch(model, gathered):
         if gathered:
             for unit in units(model):
                 unit.set_reshard_after_forward(False, recurse=False)
-            for handle in [unit.unshard(async_op=True) for unit in units(model)]:  # all in flight at once
+            # all in flight at once
+            for handle in [unit.unshard(async_op=True) for unit in units(model)]:
                 handle.wait()
         model._gathered = gathered
     if not gathered:
@@ -170,12 +182,14 @@ def full_tensor(x):
 
 
 def model_state(model):
-    """The full state dict (plain CPU tensors) on rank 0, {} elsewhere; a collective: every rank calls it.
-    A tied parameter appears once, under its first name (what save_pretrained writes for a whole model)."""
+    """The full state dict (plain CPU tensors) on rank 0, {} elsewhere; a collective: every rank
+    calls it. A tied parameter appears once, under its first name (what save_pretrained writes for
+    a whole model)."""
     reshard(model)
     state = get_model_state_dict(model, options=FULL)
     names = {}
-    for name, p in model.named_parameters(remove_duplicate=False):  # tied: keep the first name, as HF saves
+    # tied: keep the first name, as HF saves
+    for name, p in model.named_parameters(remove_duplicate=False):
         if names.setdefault(id(p), name) != name:
             state.pop(name, None)
     return state

@@ -1,18 +1,21 @@
-"""The run folder: one run at a time, its settings, its metrics, its checkpoints, and which one to resume.
+"""The run folder: one run at a time, its settings, its metrics, its checkpoints,
+and which one to resume.
 
     OUT/.lock            flock held for the whole run, holding the runner's pid
     OUT/config.json      the resolved settings
     OUT/metrics.jsonl    one JSON object per step (NaN and inf are written as null)
-    OUT/step-N/          a checkpoint: from_pretrained-loadable model + tokenizer, and trainer_state.pt
-                         (step, RNG states, ... and the optimizer state); README.md when a card is given
+    OUT/step-N/          a checkpoint: from_pretrained-loadable model + tokenizer, and
+                         trainer_state.pt (step, RNG states, ... and the optimizer state);
+                         README.md when a card is given
     OUT/final/           the export: model + tokenizer (+ README.md), no optimizer state
     OUT/abandoned/       later checkpoints set aside when a run resumes from an earlier one
 
-Every write survives a kill at any moment: a folder is written as OUT/.tmp-NAME, fsynced, then renamed
-into place (a rename is atomic), so a step-N folder is always complete; a file is written beside
-itself and os.replace'd over. What a kill leaves behind (.tmp-*) clean_orphans() removes at the next
-start. Re-saving a folder that exists moves the old one aside as .old-NAME only once the new one is
-complete; should a kill fall between the two renames, clean_orphans() puts the old one back.
+Every write survives a kill at any moment: a folder is written as OUT/.tmp-NAME, fsynced, then
+renamed into place (a rename is atomic), so a step-N folder is always complete; a file is written
+beside itself and os.replace'd over. What a kill leaves behind (.tmp-*) clean_orphans() removes at
+the next start. Re-saving a folder that exists moves the old one aside as .old-NAME only once the
+new one is complete; should a kill fall between the two renames, clean_orphans() puts the old one
+back.
 
 keep_last prunes whole checkpoints: each one kept holds its own optimizer state (AdamW: twice the
 weights), so any of them can be resumed exactly.
@@ -30,6 +33,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
+
+import policy
+from infra import fsdp
+from infra.cli import TrainingError, UsageError
 
 STEP = re.compile(r"step-(\d+)")
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
@@ -62,8 +70,8 @@ def lock(out):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise CheckpointError(f"{out} is in use by another run (pid {pid}); wait for it or pass another --out") \
-                from None
+            raise CheckpointError(f"{out} is in use by another run (pid {pid}); wait for it or "
+                                  "pass another --out") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield out
@@ -72,8 +80,9 @@ def lock(out):
 
 
 def clean_orphans(out):
-    """Remove what a kill left (.tmp-* files and folders; .old-NAME beside a complete NAME) -> removed paths.
-    An .old-NAME whose NAME is missing was complete: it is renamed back. Call under the lock only."""
+    """Remove what a kill left (.tmp-* files and folders; .old-NAME beside a complete NAME)
+    -> removed paths. An .old-NAME whose NAME is missing was complete: it is renamed back. Call
+    under the lock only."""
     out, removed = Path(out), []
     for p in sorted(out.glob(".old-*")):
         if not (out / p.name[5:]).exists():
@@ -95,7 +104,8 @@ def _remove(p):
 # ----------------------------------------------------------------------------- config and metrics
 
 def write_config(out, settings):
-    """OUT/config.json: the resolved settings (values JSON cannot hold, such as paths, as strings)."""
+    """OUT/config.json: the resolved settings
+    (values JSON cannot hold, such as paths, as strings)."""
     _atomic_write(Path(out) / "config.json", json.dumps(settings, indent=2, default=str) + "\n")
 
 
@@ -120,7 +130,8 @@ def append_metrics(out, row):
             end = f.seek(0, os.SEEK_END)
             f.seek(max(0, end - 1))
             if end and f.read(1) != b"\n":
-                line = "\n" + line  # a kill cut the last line short: start a fresh line, never extend it
+                # a kill cut the last line short: start a fresh line, never extend it
+                line = "\n" + line
             f.write(line.encode())
             f.flush()
             os.fsync(f.fileno())
@@ -139,12 +150,14 @@ def _finite(x):
 
 
 def truncate_metrics(out, after_step):
-    """Keep the rows with step <= after_step (the resumed run redoes the rest) and drop a line a kill
-    cut short -> the number of rows kept. Atomic: a kill leaves the old file or the new, never neither."""
+    """Keep the rows with step <= after_step (the resumed run redoes the rest) and drop a line a
+    kill cut short -> the number of rows kept. Atomic: a kill leaves the old file or the new, never
+    neither."""
     path = Path(out) / "metrics.jsonl"
     if not path.exists():
         return 0
-    keep = [line for line in path.read_text(encoding="utf-8").split("\n") if _step_of(line) <= after_step]
+    keep = [line for line in path.read_text(encoding="utf-8").split("\n")
+            if _step_of(line) <= after_step]
     _atomic_write(path, "".join(line + "\n" for line in keep))
     return len(keep)
 
@@ -174,17 +187,19 @@ def _atomic_write(path, text):
 
 # ----------------------------------------------------------------------------- saving
 
-def save(out, step, model, tokenizer, trainer_state, *, optimizer_state=None, keep_last=None, card=None, files=None,
-         state_dict=None):
-    """OUT/step-N/ (model, tokenizer, trainer_state.pt with the optimizer state, README.md = card, and
-    `files`: {name: text}), complete or absent; then, with keep_last, only the keep_last newest remain.
-    state_dict: the weights to write instead of the model's own (a sharded model's gathered full state)."""
+def save(out, step, model, tokenizer, trainer_state, *, optimizer_state=None, keep_last=None,
+         card=None, files=None, state_dict=None):
+    """OUT/step-N/ (model, tokenizer, trainer_state.pt with the optimizer state, README.md = card,
+    and `files`: {name: text}), complete or absent; then, with keep_last, only the keep_last newest
+    remain. state_dict: the weights to write instead of the model's own (a sharded model's gathered
+    full state)."""
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be at least 1, got {keep_last}")
     if trainer_state.get("step", step) != step:
         raise ValueError(f"trainer_state['step'] is {trainer_state['step']}, saving step {step}")
     state = dict(trainer_state, step=step, optimizer=optimizer_state)
-    final = _write_folder(Path(out), f"step-{step}", model, tokenizer, card, state, files, state_dict)
+    final = _write_folder(Path(out), f"step-{step}", model, tokenizer, card, state, files,
+                          state_dict)
     if keep_last:
         older = [p for p in checkpoints(out) if p != final]
         for old in older[:max(0, len(older) + 1 - keep_last)]:  # oldest first
@@ -193,7 +208,8 @@ def save(out, step, model, tokenizer, trainer_state, *, optimizer_state=None, ke
 
 
 def export_final(out, model, tokenizer, card=None, files=None, state_dict=None):
-    """OUT/final/: the trained model + tokenizer (+ README.md card, `files`), nothing to resume from."""
+    """OUT/final/: the trained model + tokenizer (+ README.md card, `files`),
+    nothing to resume from."""
     return _write_folder(Path(out), "final", model, tokenizer, card, None, files, state_dict)
 
 
@@ -213,11 +229,13 @@ def _write_folder(out, name, model, tokenizer, card, state, files=None, state_di
         for file_name, text in (files or {}).items():
             (tmp / file_name).write_text(text, encoding="utf-8")
         if state is not None:
-            with open(tmp / "trainer_state.pt", "wb") as f:  # a file object: a full disk surfaces as OSError
+            # a file object: a full disk surfaces as OSError
+            with open(tmp / "trainer_state.pt", "wb") as f:
                 torch.save(state, f)
         if card is not None:
             (tmp / "README.md").write_text(card, encoding="utf-8")
-        for p in [tmp, *tmp.rglob("*")]:  # safetensors writes 0600: others could not load the model
+        # safetensors writes 0600: others could not load the model
+        for p in [tmp, *tmp.rglob("*")]:
             p.chmod(0o755 if p.is_dir() else 0o644)
         fsync_tree(tmp)
         _swap_in(tmp, final)
@@ -230,8 +248,8 @@ def _write_folder(out, name, model, tokenizer, card, state, files=None, state_di
 
 
 def _swap_in(tmp, final):
-    """Rename tmp to final; an existing final is moved aside first and deleted only once the new one
-    is in place (and back if the rename fails)."""
+    """Rename tmp to final; an existing final is moved aside first and deleted only once the new
+    one is in place (and back if the rename fails)."""
     old, replacing = final.with_name(f".old-{final.name}"), final.exists()
     if replacing:
         shutil.rmtree(old, ignore_errors=True)
@@ -243,11 +261,13 @@ def _swap_in(tmp, final):
             os.replace(old, final)
         raise
     _fsync(final.parent)  # the new one is durable before the old one goes
-    shutil.rmtree(old, ignore_errors=True)  # a leftover is clean_orphans' job; the save itself succeeded
+    # a leftover is clean_orphans' job; the save itself succeeded
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _discard(path):
-    """Delete a checkpoint: renamed first, so a kill mid-delete leaves a .tmp-* orphan, not half a step-N."""
+    """Delete a checkpoint: renamed first, so a kill mid-delete leaves a .tmp-* orphan,
+    not half a step-N."""
     doomed = path.with_name(f".tmp-del-{path.name}")
     try:
         os.replace(path, doomed)
@@ -257,7 +277,8 @@ def _discard(path):
 
 
 def _no_space(e):
-    """ENOSPC anywhere in the exception chain: safetensors and torch.save wrap it in their own errors."""
+    """ENOSPC anywhere in the exception chain:
+    safetensors and torch.save wrap it in their own errors."""
     while e is not None:
         if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
             return True
@@ -295,11 +316,12 @@ def _fsync(path):
 
 
 def is_finite_state(model):
-    """Every parameter finite: checked before saving, so a NaN never becomes the checkpoint to resume."""
+    """Every parameter finite: checked before saving, so a NaN never becomes
+    the checkpoint to resume."""
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-# ----------------------------------------------------------------------------- finding and resuming
+# ---------------------------------------------------------------------------- finding and resuming
 
 def checkpoints(out):
     """OUT/step-N folders, oldest first (other names are ignored)."""
@@ -308,8 +330,9 @@ def checkpoints(out):
 
 
 def loadable(path):
-    """-> (ok, reason): config, weights (not cut short), tokenizer and a readable trainer_state.pt whose
-    step matches the folder's name. Reads headers only, and the state memory-mapped: cheap at resume."""
+    """-> (ok, reason): config, weights (not cut short), tokenizer and a readable trainer_state.pt
+    whose step matches the folder's name. Reads headers only, and the state memory-mapped: cheap at
+    resume."""
     path = Path(path)
     if not path.is_dir():
         return False, f"{path} is not a folder"
@@ -318,17 +341,21 @@ def loadable(path):
     weights = _weights_problem(path)
     if weights:
         return False, weights
-    if not (path / "tokenizer_config.json").is_file() or not any((path / f).is_file() for f in TOKENIZER):
+    if not (path / "tokenizer_config.json").is_file() or \
+            not any((path / f).is_file() for f in TOKENIZER):
         return False, "tokenizer files are missing"
     try:
-        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False, mmap=True)
+        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False,
+                           mmap=True)
     except FileNotFoundError:
         return False, "trainer_state.pt is missing"
-    except Exception as e:  # a cut-short zip fails in several ways (RuntimeError, EOFError, pickle errors)
+    # a cut-short zip fails in several ways (RuntimeError, EOFError, pickle errors)
+    except Exception as e:
         return False, f"trainer_state.pt is unreadable ({_first_line(e)})"
     match = STEP.fullmatch(path.name)
     if not isinstance(state, dict) or (match and state.get("step") != int(match[1])):
-        return False, f"trainer_state.pt is for step {state.get('step') if isinstance(state, dict) else '?'}"
+        return False, ("trainer_state.pt is for step "
+                       f"{state.get('step') if isinstance(state, dict) else '?'}")
     return True, "ok"
 
 
@@ -336,7 +363,8 @@ def _weights_problem(path):
     """None if the safetensors weights (single file, or every shard of the index) are whole."""
     if (path / WEIGHTS[1]).is_file():
         try:
-            shards = sorted(set(json.loads((path / WEIGHTS[1]).read_text())["weight_map"].values()))
+            shards = sorted(set(
+                json.loads((path / WEIGHTS[1]).read_text())["weight_map"].values()))
         except (OSError, ValueError, KeyError, AttributeError):
             return f"{WEIGHTS[1]} is unreadable"
     elif (path / WEIGHTS[0]).is_file():
@@ -350,20 +378,22 @@ def _weights_problem(path):
 
 
 def _safetensors_whole(file):
-    """The file is as long as its header says: 8-byte header size, JSON header, then the tensor bytes."""
+    """The file is as long as its header says:
+    8-byte header size, JSON header, then the tensor bytes."""
     try:
         with open(file, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(n))
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"),
+                  default=0)
         return file.stat().st_size == 8 + n + end
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
 def resume_point(out, requested="latest"):
-    """-> (checkpoint to resume, [(skipped path, why)]): the newest loadable step-N, falling back past
-    broken ones; or `requested`, a checkpoint folder (a path, or a step-N name inside OUT)."""
+    """-> (checkpoint to resume, [(skipped path, why)]): the newest loadable step-N, falling back
+    past broken ones; or `requested`, a checkpoint folder (a path, or a step-N name inside OUT)."""
     if requested != "latest":
         path = Path(requested) if Path(requested).exists() else Path(out) / requested
         ok, why = loadable(path)
@@ -391,8 +421,9 @@ def read_state(path):
 
 
 def set_aside_after(out, step):
-    """Resuming from `step`: move every later step-M to OUT/abandoned/step-M (never deleted: they are a
-    run's results) -> their new paths. A name already taken there gets a suffix: step-M.1, step-M.2, ..."""
+    """Resuming from `step`: move every later step-M to OUT/abandoned/step-M (never deleted: they
+    are a run's results) -> their new paths. A name already taken there gets a suffix:
+    step-M.1, step-M.2, ..."""
     moved = []
     for path in checkpoints(out):
         if int(path.name[5:]) <= step:
@@ -411,13 +442,13 @@ def set_aside_after(out, step):
     return moved
 
 
-# ----------------------------------------------------------------------------- starting and resuming a run
+# --------------------------------------------------------------------- starting and resuming a run
 
 def settle(out, resumed_step=None):
-    """Under the lock, before a run writes: remove what a kill left half-written; when resuming from
-    resumed_step, set later checkpoints aside and drop the metrics of the steps to be redone; a fresh
-    run needs a folder without checkpoints, and moves aside (never deletes) the metrics and settings of
-    a run that crashed before its first one. -> notes for the user."""
+    """Under the lock, before a run writes: remove what a kill left half-written; when resuming
+    from resumed_step, set later checkpoints aside and drop the metrics of the steps to be redone;
+    a fresh run needs a folder without checkpoints, and moves aside (never deletes) the metrics and
+    settings of a run that crashed before its first one. -> notes for the user."""
     out = Path(out)
     clean_orphans(out)
     if resumed_step is not None:
@@ -426,7 +457,8 @@ def settle(out, resumed_step=None):
         truncate_metrics(out, resumed_step)
         return notes
     if checkpoints(out):
-        raise CheckpointError(f"{out}/ already holds a run; pass --resume to continue it, or --out NEW_DIR")
+        raise CheckpointError(f"{out}/ already holds a run; pass --resume to continue it, "
+                              "or --out NEW_DIR")
     leftovers = [out / name for name in ("metrics.jsonl", "config.json") if (out / name).exists()]
     if not leftovers:
         return []
@@ -438,9 +470,10 @@ def settle(out, resumed_step=None):
 
 
 def merge_settings(saved, current, given, may_change, keep_current=()):
-    """A resumed run's settings -> (merged, changed, refused). The saved value wins for every setting
-    not given on the command line; a given one that differs is applied if in may_change (and listed in
-    `changed`), else listed in `refused`. keep_current: settings never taken from the saved run."""
+    """A resumed run's settings -> (merged, changed, refused). The saved value wins for every
+    setting not given on the command line; a given one that differs is applied if in may_change
+    (and listed in `changed`), else listed in `refused`. keep_current: settings never taken from
+    the saved run."""
     merged, changed, refused = {}, [], []
     for k, old in saved.items():
         if k in keep_current or k not in current:
@@ -449,40 +482,45 @@ def merge_settings(saved, current, given, may_change, keep_current=()):
         if k not in given or new == old:
             merged[k] = old
         else:
-            (changed if k in may_change else refused).append(f"--{k.replace('_', '-')} {old} -> {new}")
+            (changed if k in may_change else refused).append(
+                f"--{k.replace('_', '-')} {old} -> {new}")
     return merged, changed, refused
 
 
 def rng_state(generator):
     """Every RNG a step draws from: torch's, Python's, the sampler's generator, CUDA's."""
-    return dict(torch=torch.get_rng_state(), python=random.getstate(), sampler=generator.get_state(),
+    return dict(torch=torch.get_rng_state(), python=random.getstate(),
+                sampler=generator.get_state(),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
 
 
 def set_rng_state(state, generator):
-    torch.set_rng_state(state["torch"]), random.setstate(state["python"]), generator.set_state(state["sampler"])
+    torch.set_rng_state(state["torch"]), random.setstate(state["python"]), \
+        generator.set_state(state["sampler"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# ----------------------------------------------------------------------------- checkpoint folders for other tools
+# -------------------------------------------------------------- checkpoint folders for other tools
 
 ST_GUARD_MESSAGE = (
-    "This is a GRACE checkpoint, not a sentence-transformers model: its embedding of a text is the mean of "
-    "the hidden states over the text AND a rationale the model first writes, which sentence-transformers "
-    "cannot compute (plain pooling gives other, wrong vectors). Embed with grace instead: "
+    "This is a GRACE checkpoint, not a sentence-transformers model: its embedding of a text is "
+    "the mean of the hidden states over the text AND a rationale the model first writes, which "
+    "sentence-transformers cannot compute (plain pooling gives other, wrong vectors). "
+    "Embed with grace instead: "
     "`from evaluate import GraceEncoder; GraceEncoder(FOLDER).encode(texts)`, or "
     "`python evaluate.py --model FOLDER --tasks ...`.")
 
 
 def st_guard_files():
-    """{file name: text} for a checkpoint folder, so that SentenceTransformer(folder) (and `mteb run -m
-    folder`, which loads it through sentence-transformers) fails with ST_GUARD_MESSAGE instead of silently
-    mean-pooling without the rationale. modules.json makes sentence-transformers read the folder as its
-    own model (without it, it builds Transformer + mean pooling); config_sentence_transformers.json
-    declares a requirement nothing meets (python<0; 'python' is never offered to pip install), which
-    sentence-transformers >= 6 checks before loading any module, and prints with our reason. Older
-    versions skip that check and fail importing the module type named in modules.json instead."""
+    """{file name: text} for a checkpoint folder, so that SentenceTransformer(folder)
+    (and `mteb run -m folder`, which loads it through sentence-transformers) fails with
+    ST_GUARD_MESSAGE instead of silently mean-pooling without the rationale. modules.json makes
+    sentence-transformers read the folder as its own model (without it, it builds Transformer +
+    mean pooling); config_sentence_transformers.json declares a requirement nothing meets
+    (python<0; 'python' is never offered to pip install), which sentence-transformers >= 6 checks
+    before loading any module, and prints with our reason. Older versions skip that check and fail
+    importing the module type named in modules.json instead."""
     modules = [{"idx": 0, "name": "0", "path": "",
                 "type": "grace_checkpoint_not_loadable_by_sentence_transformers.UseGraceEncoder"}]
     config = {"requirements": {"python": {"specifier": "<0", "reason": ST_GUARD_MESSAGE}},
@@ -496,9 +534,12 @@ def model_card(settings):
     shown = "\n".join(f"- `{k}`: {json.dumps(v)}" for k, v in settings.items())
     return f"""# GRACE checkpoint
 
-A chat LLM trained with GRACE (reinforcement learning) to be a text encoder. For each text the model
-first writes a rationale; the embedding is the L2-normalised mean of its last hidden states over the
-text and that rationale (the system prompt excluded). It stays a causal LM: `from_pretrained` loads it.
+A chat LLM trained with GRACE (reinforcement learning) to be a text encoder. For each text \
+the model
+first writes a rationale; the embedding is the L2-normalised mean of its last hidden states \
+over the
+text and that rationale (the system prompt excluded). It stays a causal LM: \
+`from_pretrained` loads it.
 
 ```python
 from evaluate import GraceEncoder  # evaluate.py of the grace repository
@@ -513,3 +554,128 @@ rationale and gives other, wrong embeddings (the folder's modules.json makes the
 Training settings (grace.json):
 {shown}
 """
+
+
+# --------------------------------------------------------------------------- train.py's run folder
+
+# Settings a resumed run may change: each change is applied and announced. Any other flag
+# given with --resume must match the saved run (or --force-resume applies it too: the run is
+# then another run).
+RESUME_MAY_CHANGE = {"steps", "epochs", "lr", "weight_decay", "max_grad_norm", "save_every",
+                     "keep_last", "eval_every", "eval_pairs", "eval_data", "log_rationales",
+                     "device", "threads", "compile"}
+NOT_SETTINGS = {"resume", "force_resume", "out"}
+# where it runs, not what it computes: never taken from the saved run
+MACHINE = {"device", "threads", "compile"}
+
+
+def resume(args, given, rank):
+    """The state to start from -> (state, checkpoint folder or None, its trainer state or None).
+    --resume: the saved run's settings win (flags may change only RESUME_MAY_CHANGE, applied and
+    announced; anything else needs --force-resume). Without it, a folder that holds a run is
+    refused."""
+    out = Path(args.out)
+    state = dict(step=0, epoch=0, position=0, prompts_cut=0)
+    if not args.resume:
+        if checkpoints(out):
+            raise UsageError(f"{out}/ already holds a run; pass --resume to continue it, "
+                             "or --out NEW_DIR")
+        return state, None, None
+    try:
+        resume_from, skipped = resume_point(out, args.resume)
+    except CheckpointError as e:
+        raise UsageError(f"--resume: {e}") from None
+    for bad, why in skipped if rank == 0 else ():
+        print(f"note: skipping {bad}: {why}", flush=True)
+    saved = read_state(resume_from)
+    may_change = set(vars(args)) if args.force_resume else RESUME_MAY_CHANGE
+    merged, changed, refused = merge_settings(saved["args"], vars(args), given, may_change,
+                                              keep_current=NOT_SETTINGS | MACHINE)
+    if refused:
+        raise UsageError("--resume continues the saved run, which differs in: "
+                         f"{', '.join(refused)}; drop these flags, or pass --force-resume "
+                         "to apply them anyway")
+    vars(args).update(merged)
+    if changed and rank == 0:
+        print("note: resuming with changed settings: " + ", ".join(changed), flush=True)
+    state.update({k: saved[k] for k in state}, rng=saved["rng"])
+    return state, resume_from, saved
+
+
+def start(out, resumed_step, args):
+    """Settle the folder for this run (what settle() did is printed) and write its config.json."""
+    for note in settle(out, resumed_step):
+        print(f"note: {note}", flush=True)
+    write_config(out, settings(args))
+
+
+def settings(args):
+    """The run's resolved settings (JSON-safe): config.json and every checkpoint carry them."""
+    return {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
+
+
+def log_step(out, bar, state, metrics, record, rationale, args):
+    """A line of metrics.jsonl, the progress bar, and every --log-rationales steps a rationale."""
+    append_metrics(out, dict(step=state["step"], epoch=state["epoch"], **metrics))
+    shown = ("reward", "kl", "loss", "accuracy", "cos_between_texts", "rationale_len",
+             "tokens_per_s")
+    bar.set_postfix({k.replace("cos_between_texts", "collapse"): f"{metrics[k]:.3g}"
+                     for k in shown if k in metrics})
+    bar.update(1)
+    if args.log_rationales and state["step"] % args.log_rationales == 0:
+        text = record.get("positive", record.get("text"))
+        tqdm.write(f"[step {state['step']}] text: {text[:200]}\n  rationale: {rationale[:400]!r}")
+
+
+def save_step(out, model, tok, opt, state, args, generator, rank, world):
+    """OUT/step-N/ (rank 0 writes; every rank's RNG state goes in,
+    so each resumes its own stream)."""
+    rngs = [rng_state(generator)]
+    if world > 1:
+        rngs = [None] * world
+        torch.distributed.all_gather_object(rngs, rng_state(generator))
+    weights, optimizer_state = None, None
+    if args.fsdp:  # gather full (CPU) state dicts to rank 0: collectives, every rank takes part
+        weights, optimizer_state = fsdp.model_state(model), fsdp.optimizer_state(model, opt)
+    if rank == 0:
+        finite = all(bool(torch.isfinite(v).all()) for v in weights.values()) if args.fsdp else \
+            is_finite_state(model)
+        if not finite:
+            raise TrainingError(f"the weights are not finite at step {state['step']}: not saved "
+                                "(try a lower --lr)")
+        trainer_state = dict({k: state[k] for k in ("step", "epoch", "position", "prompts_cut")},
+                             rng=rngs, args=settings(args))
+        try:
+            save(out, state["step"], model, tok, trainer_state,
+                 optimizer_state=optimizer_state if args.fsdp else opt.state_dict(),
+                 state_dict=weights, keep_last=args.keep_last,
+                 files=grace_files(args, state["step"]))
+        except CheckpointError as e:
+            raise TrainingError(str(e)) from None
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def export(out, model, tok, state, args, rank):
+    """OUT/final/: the trained model alone, loadable by from_pretrained and evaluate.py."""
+    weights = fsdp.model_state(model) if args.fsdp else None  # --fsdp: gathered by every rank
+    if rank == 0:
+        final = export_final(out, model, tok, files=grace_files(args, state["step"]),
+                             state_dict=weights)
+        print(f"done: {out}/step-{state['step']} (resumable) and {final} (the model)  "
+              f"metrics: {out}/metrics.jsonl")
+        if state["prompts_cut"]:
+            print(f"note: {state['prompts_cut']} prompts were cut to --max-prompt-tokens "
+                  f"{args.max_prompt_tokens}")
+
+
+def grace_files(args, step):
+    """Files saved beside the weights: grace.json (how evaluate.py embeds as the policy was
+    trained), a model card, and the files that make sentence-transformers refuse it instead of
+    mis-embedding it."""
+    info = dict(base_model=args.model, preset=args.preset, step=step, objective=args.objective,
+                max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                max_prompt_tokens=args.max_prompt_tokens,
+                system_prompt=policy.DEFAULT_SYSTEM_PROMPT)
+    return {"grace.json": json.dumps(info, indent=1) + "\n", "README.md": model_card(info),
+            **st_guard_files()}

@@ -1,0 +1,1 @@
+"""Plumbing below the idea: run folder, readers, speed paths, distributed setup, CLI checks."""

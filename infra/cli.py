@@ -1,0 +1,371 @@
+"""The command lines of train.py and evaluate.py: flags, presets, range checks, the one error type.
+
+Bad input anywhere (a flag, a file, a folder) is a UsageError: printed as one line on stderr,
+exit status 2, nothing written. Parsers here fail the same way (`Parser.error`).
+"""
+import argparse
+import inspect
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+import reward
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_DATA = ROOT / "data" / "sample_triples.jsonl"
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line on stderr, exit status 2, nothing written."""
+
+
+class TrainingError(Exception):
+    """Training went wrong in a way the user must act on (divergence): one line, exit status 1."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, like every other input error
+        print(f"error: {message} (see: python {self.prog} -h)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends the real default to each help line (None and False are not defaults to show)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+class Renamed(argparse.Action):
+    """A flag that was renamed (const: the new name): one line pointing to it."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, nargs="?", help=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} was renamed {self.const}")
+
+
+def check_ranges(parser, args, ranges):
+    """Every flag in ranges {name: (low, high)} that was set must be finite and within
+    [low, high]."""
+    for k, (low, high) in ranges.items():
+        v = getattr(args, k)
+        if v is None:
+            continue
+        if isinstance(v, float) and not math.isfinite(v):
+            parser.error(f"--{k.replace('_', '-')} must be a finite number, got {v}")
+        if not low <= v <= high:
+            parser.error(f"--{k.replace('_', '-')} must be in [{low}, {high}], got {v}")
+
+
+def check_device(parser, name):
+    """A device this machine has: cpu, cuda or cuda:N (else one line, exit 2)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        parser.error(f"--device {name!r} is not a device (cpu, cuda, cuda:N)")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {name}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {name}: this torch build or machine has no CUDA GPU; "
+                     "use --device cpu")
+
+
+# ----------------------------------------------------------------------------- train.py
+
+# Defaults by preset; --preset picks one (automatic for the built-in models), any flag
+# overrides it.
+PRESETS = {
+    # The authors' release: Qwen2.5-1.5B-Instruct on 4 x H100.
+    "release": dict(batch_size=64, group_size=8, mini_batch_size=16, max_new_tokens=2048, lr=1e-6,
+                    epochs=2),
+    # The random 0.3M demo model: nothing moves at lr 1e-6 in 20 steps, so 3e-4.
+    "tiny": dict(batch_size=8, group_size=4, mini_batch_size=4, max_new_tokens=24, lr=3e-4,
+                 steps=20),
+    # The small LM of tools/pretrain.py: bench/learning.py's setting, 30 steps in ~1.5 min
+    # (README, "Watch it learn").
+    "tiny-lm": dict(batch_size=16, group_size=4, mini_batch_size=16, max_new_tokens=32, lr=1e-4,
+                    steps=30),
+}
+
+
+def train_parser(suppress=False):
+    """The CLI. suppress=True gives the same parser with no defaults:
+    it tells which flags were given."""
+    p = Parser(prog="train.py", description="Train a GRACE policy: rationales -> embeddings -> "
+               "contrastive rewards -> group-relative policy gradient.",
+               formatter_class=HelpFormatter,
+               argument_default=argparse.SUPPRESS if suppress else None)
+
+    def group(title):
+        g = p.add_argument_group(title)
+
+        def a(*names, default=None, **kw):
+            if kw.get("action") == "store_true":
+                default = False
+            g.add_argument(*names, **({} if suppress else {"default": default}), **kw)
+        return a
+
+    def per_preset(key):
+        return "; by preset: " + ", ".join(f"{name} {values.get(key, '-')}"
+                                           for name, values in PRESETS.items())
+
+    a = group("model and data")
+    a("--model", default="tiny",
+      help="causal LM folder or hub name, or a built-in: tiny (random), tiny-lm (pretrained here)")
+    a("--data", default=str(SAMPLE_DATA),
+      help="JSONL / CSV / Parquet / .txt file, or a datasets hub name (see infra/data.py)")
+    a("--mode", default="supervised", choices=["supervised", "unsupervised"],
+      help="(query, positive, negative) records, or one text per record")
+    a("--objective", default="grpo", choices=["grpo", "contrastive"],
+      help="GRACE's policy gradient, or the InfoNCE baseline on the same embeddings "
+           "(supervised only)")
+    a("--preset", choices=list(PRESETS), help="defaults for the flags marked 'by preset' "
+      "(default: tiny / tiny-lm for those models and their checkpoints, else release)")
+    a("--max-prompt-tokens", type=int, default=1024,
+      help="prompt length limit; longer texts are cut")
+    a("--steps", type=int,
+      help="rollout batches to train on (default: --epochs' worth)" + per_preset("steps"))
+    a("--epochs", type=int,
+      help="passes over the data when --steps is not given" + per_preset("epochs"))
+    a = group("rollouts")
+    a("--group-size", type=int, help="G rationales per text" + per_preset("group_size"))
+    a("--max-new-tokens", type=int, help="rationale length limit" + per_preset("max_new_tokens"))
+    a("--temperature", type=float, default=1.0, help="sampling temperature of the main rollouts")
+    a("--side-temperature", type=float, default=0.5,
+      help="temperature of the query and negative rationales")
+    a("--top-p", type=float, default=1.0,
+      help="nucleus of the main rollouts (log-probs are scored unfiltered)")
+    a("--top-k", type=int, default=0,
+      help="top-k of the main rollouts, 0 = off (log-probs are scored unfiltered)")
+    a("--rollout-rows", type=int, default=0, help="rationales sampled at once per rank, 0 = all; "
+      "bounds the KV cache (rows x (prompt + new tokens) per layer), which at the release's batch "
+      "outgrows a 3-4B model; compiled, a shorter last chunk compiles once more: pick a divisor "
+      "of the rows per rank")
+    a("--compile", default="auto", choices=["auto", "on", "off"],
+      help="static-cache + torch.compile sampler with bucketed prompt widths; auto = on for CUDA, "
+           "off on CPU")
+    a = group("reward")
+    a("--reward", default="release", choices=list(reward.REWARDS),
+      help="GRACE's released reward or per-rollout InfoNCE")
+    a("--tau", type=float, default=0.1,
+      help="similarity temperature of the reward (and of --objective contrastive)")
+    a("--no-scale", action="store_true", help="release reward: do not divide its terms by tau")
+    a("--clustering-weight", type=float, help="release reward: weight of s_clu (default: 0.2)")
+    a("--cross-group-weight", type=float, help="release reward: weight of s_x (default: 0.2)")
+    a("--no-length-penalty", action="store_true",
+      help="no -1 reward for rationales cut at --max-new-tokens")
+    a("--scale-adv-by-std", action="store_true",
+      help="divide advantages by the group std (GRPO; the release does not)")
+    a = group("optimisation")
+    a("--batch-size", type=int,
+      help="texts per rollout batch, all ranks together" + per_preset("batch_size"))
+    a("--mini-batch-size", type=int,
+      help="texts per optimizer step, per rank" + per_preset("mini_batch_size"))
+    a("--micro-batch-size", type=int,
+      help="texts per forward/backward: gradient accumulation (default: mini batch)")
+    a("--ppo-epochs", type=int, default=1, help="passes over each rollout batch")
+    a("--lr", type=float, help="AdamW learning rate, constant" + per_preset("lr"))
+    a("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    a("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip")
+    a("--clip-eps", type=float, default=0.2, help="PPO ratio clip: rho in [1 - eps, 1 + eps]")
+    a("--dual-clip", type=float, default=3.0,
+      help="cap on the loss of negative-advantage tokens: -c A (verl's clip_ratio_c)")
+    a("--kl-coef", type=float, default=0.001,
+      help="KL penalty weight beta; 0 = the release (no reference model)")
+    a("--kl-type", default="k3", choices=["k1", "k2", "k3"],
+      help="KL estimator in the loss. Its gradient: k1 has E[grad] = 0 (regularises nothing in "
+           "the loss; k1 belongs in the reward, where it gives the unbiased reverse-KL gradient); "
+           "k2 gives the reverse-KL gradient; k3 (the release's 'low_var_kl') the forward-KL "
+           "gradient")
+    a("--aggregation", default="token", choices=["token", "sequence", "constant"],
+      help="loss mean over all tokens | per sequence then rows | Dr.GRPO's sum / "
+           "(rows x max_new_tokens)")
+    a("--grad-checkpointing", action="store_true",
+      help="recompute activations in backward (long rationales)")
+    a("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and AdamW "
+      "state over the processes (FSDP2, one unit per decoder layer; see infra/fsdp.py)")
+    a("--offload", action="store_true",
+      help="with --fsdp: keep the shards and AdamW on the CPU (CPUOffloadPolicy)")
+    a("--seed", type=int, default=0, help="seeds data order, sampling and the tiny model")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+      help="cpu, cuda or cuda:N")
+    a("--threads", type=int, default=1, help="CPU threads for torch (1 is fastest for tiny "
+      "models on a busy machine; see README)")
+    a = group("checkpoints")
+    a("--out", default="out",
+      help="run folder: step-N/ checkpoints, final/, metrics.jsonl, config.json")
+    a("--save-every", type=int, default=10, help="steps between checkpoints")
+    a("--keep-last", type=int, default=3,
+      help="checkpoints kept (each holds optimizer state, 2x the weights)")
+    a("--resume", nargs="?", const="latest", help="continue the run in --out from its newest "
+      "complete checkpoint (or from the step-N folder given); its saved settings are used")
+    a("--force-resume", action="store_true",
+      help="with --resume: apply flags that change the run (model, data, ...)")
+    a = group("evaluation and logging")
+    a("--eval-every", type=int, default=0,
+      help="STS Spearman on --eval-pairs pairs every N steps (0: never)")
+    a("--eval-pairs", type=int, default=200, help="pairs of --eval-data used by --eval-every")
+    a("--eval-data", help="STS JSONL (sentence1, sentence2, score) for --eval-every")
+    a("--log-rationales", type=int, default=10,
+      help="print a text and its rationale every N steps (0: never)")
+    return p
+
+
+# flag: (lowest allowed, highest allowed); every float flag must also be finite
+RANGES = dict(batch_size=(1, 1 << 20), group_size=(1, 1024), mini_batch_size=(1, 1 << 20),
+              micro_batch_size=(1, 1 << 20), rollout_rows=(0, 1 << 20), ppo_epochs=(1, 1000),
+              steps=(1, 1 << 40), epochs=(1, 1 << 20), max_prompt_tokens=(1, 1 << 20),
+              max_new_tokens=(1, 1 << 20), save_every=(1, 1 << 40), keep_last=(1, 1 << 20),
+              eval_pairs=(2, 1 << 30), eval_every=(0, 1 << 40), log_rationales=(0, 1 << 40),
+              seed=(0, 2**32 - 1), threads=(1, 1024), top_k=(0, 1 << 30), lr=(0, 1),
+              weight_decay=(0, 1), kl_coef=(0, 1e6), clustering_weight=(-1e6, 1e6),
+              cross_group_weight=(-1e6, 1e6), dual_clip=(1, 1e6), temperature=(1e-4, 100),
+              side_temperature=(0, 100), top_p=(1e-6, 1), tau=(1e-4, 1e6), clip_eps=(1e-6, 1e6),
+              max_grad_norm=(1e-12, 1e12))
+
+
+def train_args(argv=None):
+    """-> (args, the set of flags given on the command line)."""
+    p = train_parser()
+    args = p.parse_args(argv)
+    given = set(vars(train_parser(suppress=True).parse_args(argv)))
+    args.preset = args.preset or default_preset(args.model)
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.micro_batch_size = args.micro_batch_size or args.mini_batch_size
+    check_ranges(p, args, RANGES)
+    check_device(p, args.device)
+    takes = inspect.signature(reward.REWARDS[args.reward]).parameters
+    wrong = [f"--{flag.replace('_', '-')}" for option, flag in REWARD_FLAGS.items()
+             if flag in given and option not in takes]
+    if wrong:
+        p.error(f"{', '.join(wrong)} only apply to --reward release, not --reward {args.reward}")
+    if args.objective == "contrastive" and args.mode != "supervised":
+        p.error("--objective contrastive needs --mode supervised "
+                "(query, positive, negative records)")
+    args.clustering_weight = 0.2 if args.clustering_weight is None else args.clustering_weight
+    args.cross_group_weight = 0.2 if args.cross_group_weight is None else args.cross_group_weight
+    if args.compile == "auto":
+        args.compile = "on" if args.device.startswith("cuda") else "off"
+    return args, given
+
+
+# a reward's option: the flag that sets it
+REWARD_FLAGS = {"with_scale": "no_scale", "clustering_weight": "clustering_weight",
+                "cross_group_weight": "cross_group_weight"}
+
+
+def reward_options(args):
+    """The options the chosen reward takes (its keyword arguments), from their flags."""
+    values = dict(with_scale=not args.no_scale, clustering_weight=args.clustering_weight,
+                  cross_group_weight=args.cross_group_weight)
+    takes = inspect.signature(reward.REWARDS[args.reward]).parameters
+    return {k: v for k, v in values.items() if k in takes}
+
+
+def default_preset(model):
+    """tiny and tiny-lm (and checkpoints trained from them) get their own presets;
+    anything else the release's."""
+    info = Path(model) / "grace.json"
+    if info.exists():
+        try:
+            return json.loads(info.read_text()).get("preset", "release")
+        except (OSError, json.JSONDecodeError):
+            return "release"
+    return model if model in PRESETS else "release"
+
+
+
+# ----------------------------------------------------------------------------- evaluate.py
+
+def evaluate_args(argv=None):
+    p = Parser(prog="evaluate.py", formatter_class=HelpFormatter,
+               description="MTEB scores of a GRACE policy (a rationale per text, then mean "
+                           "pooling).")
+    g = p.add_argument_group("models")
+    g.add_argument("--model", action="append",
+                   help="model folder, hub name or 'tiny'; twice = compare (default: tiny)")
+    g.add_argument("--baseline",
+                   help="a second model, evaluated the same way and shown side by side")
+    g.add_argument("--device",
+                   help="cpu, cuda, cuda:N (default: cuda if available, in bf16, else cpu)")
+    g = p.add_argument_group("what to evaluate")
+    g.add_argument("--tasks", help="comma-separated mteb task names, e.g. STSBenchmark,SciFact")
+    g.add_argument("--benchmark",
+                   help="an mteb benchmark name, e.g. 'MTEB(eng, v1)' (the classic English MTEB)")
+    # torchrun takes --local
+    g.add_argument("--local", "--local-files", action="append", metavar="FILE_OR_DIR",
+                   help="your own task: STS .jsonl | BEIR retrieval folder | classification file "
+                        "or train+test folder")
+    g.add_argument("--limit", type=int, help="smoke run: the first N pairs (STS), queries "
+                   "(retrieval) or rows per split (classification) of each --local task; "
+                   "refused with hub tasks, which mteb runs whole")
+    g.add_argument("--perplexity", metavar="FILE",
+                   help="also print each model's LM perplexity on these texts (one per line)")
+    g.add_argument("--explain", nargs="+", metavar="TEXT",
+                   help="print the rationale written for each text, then stop")
+    g.add_argument("--corpus", help="with --explain: texts to search (one per line, or "
+                   ".jsonl/.csv with 'text')")
+    g.add_argument("--neighbours", type=int, default=3,
+                   help="with --corpus: nearest texts shown per text")
+    g.add_argument("--top-k", action=Renamed, const="--neighbours")
+    g = p.add_argument_group("the embedding")
+    g.add_argument("--max-new-tokens", type=int,
+                   help="rationale length cap (default: the checkpoint's grace.json, else 256)")
+    g.add_argument("--system-prompt",
+                   help="the instruction before each text (default: grace.json's, else policy's)")
+    g.add_argument("--max-length", type=int,
+                   help="prompt length cap in tokens (default: grace.json's, else 1024)")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy; the release samples at 1.0")
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling, with --temperature > 0")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed, with --temperature > 0")
+    g.add_argument("--no-rationale", action="store_true",
+                   help="pool the prompt alone: the base-model baseline")
+    g.add_argument("--instructions", action="store_true",
+                   help="add mteb's task instruction to the system prompt")
+    g.add_argument("--batch-size", type=int, default=16, help="texts per forward")
+    g.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="static-cache + torch.compile sampler; auto = on for CUDA, off on CPU")
+    g = p.add_argument_group("results")
+    g.add_argument("--out", default="results",
+                   help="folder of mteb's result JSONs, reused by reruns ('' = keep none)")
+    g.add_argument("--recompute", action="store_true",
+                   help="ignore results already in --out, and overwrite them")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (it shows on a terminal only)")
+    args = p.parse_args(argv)
+    check_ranges(p, args, dict(batch_size=(1, 2 ** 16), max_new_tokens=(0, 2 ** 17),
+                               max_length=(1, 2 ** 20), neighbours=(1, 10 ** 6),
+                               seed=(0, 2 ** 63 - 1), limit=(1, 2 ** 40), temperature=(0, 100)))
+    if not 0 < args.top_p <= 1:
+        p.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.explain and (args.tasks or args.benchmark or args.local or args.perplexity or
+                         args.limit):
+        p.error("--explain prints rationales only: drop --tasks, --benchmark, --local, "
+                "--perplexity and --limit")
+    if args.corpus and not args.explain:
+        p.error("--corpus is searched with --explain TEXT; without --explain it does nothing")
+    if args.limit and (args.tasks or args.benchmark):
+        p.error("--limit cuts --local tasks only; mteb's hub tasks run whole "
+                "(drop --limit or the hub tasks)")
+    if args.system_prompt is not None and not args.system_prompt.strip():
+        p.error("--system-prompt is empty")
+    if args.device:
+        check_device(p, args.device)
+    if args.explain and any(not t.strip() for t in args.explain):
+        p.error("--explain: a text is empty or whitespace only")
+    args.model = (args.model or ["tiny"]) + ([args.baseline] if args.baseline else [])
+    return args
+
+

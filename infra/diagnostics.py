@@ -1,0 +1,94 @@
+"""What training logs beside the loss: rationales, collapse, which reward terms steer, Spearman.
+
+None of it changes a gradient. `collapse` is the one to watch: nothing in GRACE's supervised reward
+pushes different texts apart (docs/reward-analysis.md), so the mean cosine between embeddings of
+different texts is logged every step.
+"""
+import torch
+
+from infra import fast_decode
+
+
+def rationale_stats(tokenizer, ro):
+    """-> (texts, tokens (B,) long, empty (B,) bool) of every row of a Rollout: its decoded text
+    (special tokens dropped), the tokens it wrote before its stop token, and whether it is empty
+    (nothing but whitespace once decoded). Training's metrics and evaluation's summary use it."""
+    texts = [tokenizer.decode(seq[m.bool()], skip_special_tokens=True)
+             for seq, m in zip(ro.sequences, ro.completion_mask)]
+    n = ro.completion_mask.sum(-1)  # (B,) a finished row's last token is its EOS: not counted
+    tokens = n - (~ro.truncated & (n > 0)).long()
+    return texts, tokens, torch.tensor([not t.strip() for t in texts], dtype=torch.bool)
+
+
+def rationale_metrics(tok, ro):
+    """Mean rationale length (tokens before the stop token) and the shares of empty rationales (a
+    policy that learns to write nothing is the first hack to rule out) and of truncated ones,
+    counted as evaluate.py counts them (rationale_stats). -> (metrics, decoded rationales)"""
+    texts, tokens, empty = rationale_stats(tok, ro)
+    return dict(rationale_len=tokens.float().mean().item(), empty_frac=empty.float().mean().item(),
+                truncated_frac=ro.truncated.float().mean().item()), texts
+
+
+def rl_metrics(tok, main, side, rewards, parts, adv, stats, times, G):
+    """What train.rl_step logs: the reward and its terms, the advantages, the rationales, the
+    seconds of each stage, the loss statistics and the collapse.
+    -> (metrics, decoded rationales)"""
+    t0, t1, t2, t3 = times
+    ro = main.rollout
+    about, rationales = rationale_metrics(tok, ro)
+    metrics = dict(reward=rewards.mean().item(),
+                   **{f"reward/{k}": v.mean().item() for k, v in parts.items()},
+                   adv_abs=adv.abs().mean().item(), adv_std=adv.std(unbiased=False).item(),
+                   **about,
+                   prompts_cut=int(main.prompts_cut.sum() + side.prompts_cut.sum()),
+                   t_rollout=t1 - t0, t_score=t2 - t1, t_update=t3 - t2,
+                   tokens_per_s=ro.completion_mask.sum().item() / (t1 - t0),
+                   compilations=fast_decode.compilations(), **stats,
+                   **collapse(main.embeddings, parts, G, ro))
+    return metrics, rationales
+
+
+def cos_between_texts(emb, group_size=1):
+    """Mean cosine between embeddings of different texts (rows of different groups):
+    collapse -> 1."""
+    group = torch.arange(emb.shape[0], device=emb.device) // group_size
+    different = group[:, None] != group[None, :]
+    return (emb @ emb.T)[different].mean().item() if different.any() else float("nan")
+
+
+def collapse(main, parts, G, ro):
+    """Collapse (cosine between different texts), diversity (within a group), and per reward term
+    the share of its variance that is within groups: the only part a group baseline passes on."""
+    n = main.shape[0] // G
+    group = torch.arange(main.shape[0], device=main.device) // G
+    same_not_self = (group[:, None] == group[None, :]) & ~torch.eye(len(group), dtype=torch.bool,
+                                                                    device=main.device)
+    out = {"cos_between_texts": cos_between_texts(main, G),
+           "cos_within_group": (main @ main.T)[same_not_self].mean().item() if G > 1
+                               else float("nan")}
+    for k, v in parts.items():
+        if k != "truncated":
+            total = v.var(unbiased=False).item()
+            within = v.reshape(n, G).var(-1, unbiased=False).mean().item()
+            out[f"within_share/{k}"] = within / total if total > 1e-12 else 0.0
+    distinct = [len(set(s[m.bool()].tolist())) / max(1, int(m.sum()))
+                for s, m in zip(ro.sequences, ro.completion_mask)]
+    out["distinct_token_ratio"] = sum(distinct) / len(distinct)
+    return out
+
+
+def spearman(x, y):
+    """rho = Pearson correlation of the (average) ranks of x and y; NaN when either is constant."""
+    a, b = _ranks(x.double()), _ranks(y.double())
+    a, b = a - a.mean(), b - b.mean()
+    denominator = a.norm() * b.norm()
+    return float((a * b).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def _ranks(x):
+    """Average ranks (ties share their mean rank), as Spearman's rho needs."""
+    ranks = torch.empty_like(x)
+    ranks[x.argsort()] = torch.arange(len(x), dtype=x.dtype)
+    _, inv = torch.unique(x, return_inverse=True)
+    sums = torch.zeros(int(inv.max()) + 1, dtype=x.dtype).index_add_(0, inv, ranks)
+    return (sums / torch.bincount(inv))[inv]

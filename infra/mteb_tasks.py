@@ -1,0 +1,314 @@
+"""evaluate.py's plumbing around mteb: task names, local files as mteb tasks, the result cache.
+
+- resolve_tasks(): --tasks / --benchmark / --local -> mteb task objects (close matches for typos)
+- local_task():    an STS JSONL, a BEIR folder or a classification file as an mteb task
+- result_cache():  mteb's ResultCache writing to OUT/MODEL/REVISION/...; model_id() names a model
+- model_meta():    the ModelMeta mteb files an encoder's results under
+- summary_table(): the text table evaluate.py prints at the end
+"""
+import difflib
+import hashlib
+import itertools
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+import policy
+from infra import data
+from infra.cli import UsageError
+
+DEFAULT_MAX_LENGTH = 1024  # evaluate.py's prompt limit when a checkpoint has no grace.json
+
+
+def checkpoint_settings(path):
+    """The settings train.py saved with a checkpoint (its grace.json); {} for any other model."""
+    file = Path(str(path)) / "grace.json"
+    if not file.is_file():
+        return {}
+    try:
+        settings = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{file}: not readable JSON ({e})") from None
+    if not isinstance(settings, dict):
+        raise UsageError(f"{file}: expected a JSON object")
+    return settings
+
+
+def read_texts(path):
+    """Texts of a file: one per line (.txt, blank lines skipped) or a 'text' field (.jsonl/.csv);
+    none may be blank."""
+    texts = [data.text_field(path, n, row, "text") for n, row in data.read_rows(path)]
+    if not texts:
+        raise UsageError(f"{path}: no texts")
+    return texts
+
+
+def check_model_name(name):
+    """Fail at once on a model that cannot load: a missing folder, or a hub name neither cached
+    nor reachable."""
+    name = str(name)
+    if name in ("tiny", "tiny-lm") or os.path.isdir(name):
+        return
+    if name.startswith((".", "/", "~")) or os.path.exists(name):
+        raise UsageError(f"model folder not found: {name}")
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        offline = (" (offline: HF_HUB_OFFLINE is set)"
+                   if os.environ.get("HF_HUB_OFFLINE") in ("1", "true") else "")
+        raise UsageError(f"model {name!r}: not a local folder, "
+                         f"and not found on the hub{offline}: {first}") from None
+
+
+def _closest(name, choices):
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
+    return f"; close matches: {', '.join(close)}" if close else ""
+
+
+def resolve_tasks(args):
+    """Task objects from --tasks, --benchmark and --local;
+    unknown names list their close matches."""
+    import mteb
+
+    tasks = []
+    for name in [t.strip() for t in (args.tasks or "").split(",") if t.strip()]:
+        try:
+            tasks.append(mteb.get_task(name))
+        except KeyError:
+            names = [t.metadata.name for t in mteb.get_tasks(exclude_superseded=False)]
+            raise UsageError(f"unknown task {name!r}{_closest(name, names)}") from None
+    if args.benchmark:
+        try:
+            tasks.extend(mteb.get_benchmark(args.benchmark).tasks)
+        except KeyError:
+            names = [b.name for b in mteb.get_benchmarks()]
+            raise UsageError(f"unknown benchmark {args.benchmark!r}"
+                             f"{_closest(args.benchmark, names)}") from None
+    for path in args.local or []:
+        task = local_task(path, args.limit)
+        task.load_data()  # read and check the file now: a bad row fails before any model loads
+        tasks.append(task)
+    return tasks
+
+
+def result_cache(out):
+    """mteb's ResultCache writing to OUT/MODEL/REVISION/...
+    (mteb's own would write OUT/results/MODEL/...)."""
+    import mteb
+
+    class Cache(mteb.ResultCache):
+        def get_task_result_path(self, *args, remote=False, **kwargs):
+            path = super().get_task_result_path(*args, remote=remote, **kwargs)
+            return (path if remote
+                    else self.cache_path / path.relative_to(self.cache_path / "results"))
+
+    return Cache(out)
+
+
+def _fingerprint(files):
+    # names, sizes and modification times: hashing GBs of weights would take longer than some
+    # evaluations
+    stats = sorted((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file())
+    return hashlib.sha1(repr(stats).encode()).hexdigest()[:12]
+
+
+def model_id(name, model):
+    """(name, revision) mteb files results under: one revision per checkpoint, so its result cache
+    never returns another checkpoint's scores. A local folder is named by its last two path
+    parts."""
+    path = Path(name)
+    if str(name) == "tiny":
+        return "grace/tiny", "tiny-seed0"
+    if str(name) == "tiny-lm":  # the shipped folder: a rebuilt tiny-lm gets a new revision
+        return "grace/tiny-lm", _fingerprint((policy.MODELS / "tiny-lm").iterdir())
+    if path.is_dir():
+        path = path.resolve()
+        return f"{path.parent.name}/{path.name}", _fingerprint(path.iterdir())
+    # hub: the commit, if kept
+    return str(name), getattr(model.config, "_commit_hash", None) or "unknown"
+
+
+# ----------------------------------------------------------------------- local files as mteb tasks
+
+def local_task(path, limit=None):
+    """The mteb task for a local file or folder, chosen by its layout
+    (STS, retrieval, classification)."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path}: no such file or folder")
+    if path.is_dir():
+        if (path / "corpus.jsonl").exists() or (path / "queries.jsonl").exists():
+            splits = sorted(p.stem for p in (path / "qrels").glob("*.tsv"))
+            if not splits:
+                raise UsageError(f"{path / 'qrels'}: no .tsv judgement files (qrels/SPLIT.tsv)")
+            return _local(LocalRetrieval, "Retrieval", path, splits, "ndcg_at_10", limit)
+        return _local(LocalClassification, "Classification", path, ["test"], "accuracy", limit)
+    rows = data.read_rows(path)
+    keys = set(rows[0][1]) if rows else set()
+    if {"sentence1", "sentence2"} <= keys:
+        return _local(LocalSTS, "STS", path, ["test"], "cosine_spearman", limit)
+    if "text" in keys and keys & {"label", "category"}:
+        return _local(LocalClassification, "Classification", path, ["test"], "accuracy", limit)
+    raise UsageError(f"{path}:{rows[0][0] if rows else 1}: expected fields sentence1, sentence2, "
+                     "score (STS) or text, label (classification); "
+                     f"found {', '.join(sorted(keys)) or 'none'}")
+
+
+def _local(kind, type_name, path, splits, main_score, limit):
+    """An instance of a fresh subclass of `kind` for this file: mteb's unload_data drops an
+    instance's own metadata, so the metadata must live on the class. --limit N is in the name:
+    results apart."""
+    from mteb.abstasks.task_metadata import TaskMetadata
+
+    name = f"Local{type_name}_{path.stem}" + (f"_first{limit}" if limit else "")
+    metadata = TaskMetadata(
+        name=name, type=type_name, main_score=main_score, eval_splits=splits,
+        description=f"Local {type_name} task read from {path}", reference=None,
+        eval_langs=["eng-Latn"],
+        dataset={"path": str(path.resolve()),
+                 "revision": _fingerprint([path, *path.rglob("*")])},  # edit: new rev
+        category="t2t", modalities=["text"], bibtex_citation="")
+    return type(name, (kind, _mteb_base(type_name)),
+                {"metadata": metadata, "path": path, "limit": limit})()
+
+
+def _mteb_base(type_name):
+    from mteb.abstasks.classification import AbsTaskClassification
+    from mteb.abstasks.retrieval import AbsTaskRetrieval
+    from mteb.abstasks.sts import AbsTaskSTS
+
+    return {"STS": AbsTaskSTS, "Retrieval": AbsTaskRetrieval,
+            "Classification": AbsTaskClassification}[type_name]
+
+
+class LocalSTS:
+    """JSONL with sentence1, sentence2, score (data.load_sts_pairs): every pair is a test pair."""
+
+    def load_data(self, num_proc=None, **kwargs):
+        from datasets import Dataset, DatasetDict
+
+        pairs = data.load_sts_pairs(self.path, limit=self.limit)
+        scores = [s for _, _, s in pairs]
+        self.min_score, self.max_score = min(scores), max(scores)
+        self.dataset = DatasetDict(test=Dataset.from_dict({
+            "sentence1": [a for a, _, _ in pairs], "sentence2": [b for _, b, _ in pairs],
+            "score": scores}))
+        self.data_loaded = True
+
+
+class LocalRetrieval:
+    """BEIR folder (data.load_retrieval): each qrels/SPLIT.tsv is a split; its queries are those it
+    judges. With --limit N, the first N judged queries of each split, searched among the whole
+    corpus."""
+
+    def load_data(self, num_proc=None, **kwargs):
+        from datasets import Dataset
+        from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
+
+        corpus, queries, qrels = data.load_retrieval(self.path)
+        corpus = Dataset.from_list([{"id": i, "title": t, "text": x}
+                                    for i, (t, x) in corpus.items()])
+        self.dataset = {"default": {}}
+        for split in self.metadata.eval_splits:
+            judged = dict(list(qrels[split].items())[:self.limit] if self.limit else qrels[split])
+            self.dataset["default"][split] = RetrievalSplitData(
+                queries=Dataset.from_list([{"id": q, "text": queries[q]} for q in judged]),
+                corpus=corpus, relevant_docs=judged, top_ranked=None)
+        self.data_loaded = True
+
+
+class LocalClassification:
+    """text + label (or category), one file split here or a train/test folder
+    (data.load_classification); mteb's logistic regression on the embeddings. --limit N keeps the
+    first N rows of each split."""
+
+    def load_data(self, num_proc=None, **kwargs):
+        from datasets import Dataset, DatasetDict
+
+        splits = data.load_classification(self.path)
+        # the first rows of each label in turn, so that a file sorted by label keeps them all
+        if self.limit:
+            by_label = {}
+            for row in [r for rows in splits.values() for r in rows]:
+                by_label.setdefault(row[1], [])
+            splits = {s: [r for group in itertools.zip_longest(*[[r for r in rows if r[1] == k]
+                                                                 for k in by_label])
+                          for r in group if r][:self.limit] for s, rows in splits.items()}
+            if len({label for _, label in splits["train"]}) < 2:
+                raise UsageError(f"{self.path}: --limit {self.limit} leaves a single label to "
+                                 "train on; raise it")
+        ids = {name: i for i, name in
+               enumerate(sorted({label for rows in splits.values() for _, label in rows}))}
+        self.dataset = DatasetDict({  # sklearn wants labels; ints keep mteb's statistics happy
+            split: Dataset.from_dict({"text": [t for t, _ in rows],
+                                      "label": [ids[label] for _, label in rows]})
+            for split, rows in splits.items()})
+        self.data_loaded = True
+
+
+def model_meta(encoder):
+    """mteb's ModelMeta for a GraceEncoder. Settings that change the embeddings go into
+    experiment_kwargs, so mteb files their results apart."""
+    from mteb.models.model_meta import ModelMeta, ScoringFunction
+
+    s, model = encoder.settings, encoder.model
+    experiment = dict(rationale=s["rationale"], instructions=encoder.instructions, seed=s["seed"],
+                      **({k: s[k] for k in ("max_new_tokens", "temperature", "top_p")}
+                         if s["rationale"] else {}))
+    # these two only when changed: defaults keep their folder
+    if s["max_length"] != DEFAULT_MAX_LENGTH:
+        experiment["max_length"] = s["max_length"]
+    if encoder.system_prompt != policy.DEFAULT_SYSTEM_PROMPT:  # a short hash: names become folders
+        experiment["system_prompt"] = hashlib.sha1(encoder.system_prompt.encode()).hexdigest()[:10]
+    name, rev = model_id(encoder.name_or_path, model)
+    return ModelMeta.create_empty(dict(
+        name=name, revision=encoder.revision or rev,
+        # the enum: a plain string fails at scoring time
+        similarity_fn_name=ScoringFunction.COSINE,
+        embed_dim=model.config.hidden_size,
+        n_parameters=sum(p.numel() for p in model.parameters()),
+        max_tokens=s["max_length"], framework=["PyTorch"], use_instructions=encoder.instructions,
+        open_weights=True, experiment_kwargs=experiment))
+
+
+def summary_table(columns, types, stats=None, perplexities=None):
+    """Text table: task, type, one score column per model (x100), their difference; averages per
+    type; then per model the mean rationale length, the share of empty rationales and the
+    perplexity."""
+    labels, rows = list(columns), list(next(iter(columns.values())))
+    groups = [(f"average {k} ({sum(types[r] == k for r in rows)})",
+               [r for r in rows if types[r] == k])
+              for k in sorted(set(types.values()))] + [(f"average, all ({len(rows)})", rows)]
+    width = max(len(name)
+                for name in rows + [title for title, _ in groups] + ["empty rationales (%)"])
+    cw = max(len(m) for m in labels) + 2  # score column width
+
+    def line(name, kind, values, scale=100):  # None: not measured (a cached result)
+        s = f"{name:<{width}}  {kind:<18}" + "".join(f"{'-':>{cw}}" if v is None
+                                                     else f"{scale * v:>{cw}.2f}"
+                                                     for v in values)
+        return s + (f"{scale * (values[0] - values[1]):>+10.2f}"
+                    if len(values) == 2 and None not in values else "")
+
+    head = f"{'task':<{width}}  {'type':<18}" + "".join(f"{m:>{cw}}" for m in labels)
+    head += f"{'diff':>10}" if len(labels) == 2 else ""
+    rule = "-" * len(head)
+    body = [line(r, types[r], [columns[m][r] for m in labels]) for r in rows]
+    means = [line(title, "", [np.mean([columns[m][r] for r in members]) for m in labels])
+             for title, members in groups]
+    extra = []
+    if stats and any(stats[m]["texts"] for m in labels):  # all cached: nothing generated this run
+        share = lambda m, key: (stats[m][key] / stats[m]["texts"]  # noqa: E731
+                                if stats[m]["texts"] and stats[m].get("rationale", True) else None)
+        extra += [line("rationale tokens (mean)", "", [share(m, "tokens") for m in labels], 1),
+                  line("empty rationales (%)", "", [share(m, "empty") for m in labels])]
+    if perplexities:
+        extra.append(line("perplexity", "", [perplexities[m] for m in labels], 1))
+    return "\n".join([head, rule, *body, rule, *means] + ([rule, *extra] if extra else []))
+
+

@@ -1,0 +1,258 @@
+"""infra/mteb_tasks.py: local files as mteb tasks, task names, the result cache, model ids, and
+the summary table.
+
+Offline with the tiny model and small slices of ../shared/data (written to a temporary folder).
+"""
+import argparse
+import csv
+import json
+import math
+import os
+
+import pytest
+
+import evaluate
+from helpers import NEW_EVAL as NEW  # rationale tokens of the `encoder` fixture
+from helpers import shared_data
+from infra import mteb_tasks
+from infra.cli import UsageError
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def scifact_dir(tmp_path_factory):
+    """5 train queries, every document they judge, and 15 distractors, in BEIR layout."""
+    src = shared_data("scifact")
+    lines = (src / "qrels" / "train.tsv").read_text().splitlines()[1:]
+    qrels = [line.split("\t") for line in lines]
+    qids = list(dict.fromkeys(q for q, _, _ in qrels))[:5]
+    judged = [(q, d, s) for q, d, s in qrels if q in qids]
+    keep = {d for _, d, _ in judged}
+    corpus = _jsonl(src / "corpus.jsonl")
+    docs = [r for r in corpus if r["_id"] in keep]
+    docs += [r for r in corpus if r["_id"] not in keep][:15]
+    queries = _jsonl(src / "queries.jsonl")
+    out = tmp_path_factory.mktemp("beir") / "scifact_slice"
+    (out / "qrels").mkdir(parents=True)
+    for name, rows in (("corpus.jsonl", docs), ("queries.jsonl", queries)):
+        (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    lines = ["query-id\tcorpus-id\tscore"] + ["\t".join(r) for r in judged]
+    (out / "qrels" / "train.tsv").write_text("\n".join(lines) + "\n")
+    return out
+
+
+@pytest.fixture(scope="module")
+def banking_dir(tmp_path_factory):
+    """4 intents: 8 train and 3 test texts each, as train.csv / test.csv (text, category)."""
+    src = shared_data("banking77")
+    out = tmp_path_factory.mktemp("banking77") / "banking_slice"
+    out.mkdir()
+    for split, per_label in (("train", 8), ("test", 3)):
+        with open(src / f"{split}.csv", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        labels = list(dict.fromkeys(r["category"] for r in rows))[:4]
+        picked = [r for label in labels
+                  for r in [r for r in rows if r["category"] == label][:per_label]]
+        with open(out / f"{split}.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=["text", "category"])
+            writer.writeheader()
+            writer.writerows(picked)
+    return out
+
+
+def _score(encoder, task):
+    import mteb
+
+    result = mteb.evaluate(encoder, task, cache=None, show_progress_bar=False,
+                           encode_kwargs={"batch_size": 8})
+    return result.task_results[0].get_score()
+
+
+def _write(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows),
+                    encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------- local tasks, scored by mteb
+
+@pytest.mark.slow
+def test_sts_local_task(encoder, sts_file):
+    task = mteb_tasks.local_task(sts_file)
+    assert task.metadata.type == "STS"
+    assert math.isfinite(_score(encoder, task))
+
+
+@pytest.mark.slow
+def test_retrieval_local_task(encoder, scifact_dir):
+    task = mteb_tasks.local_task(scifact_dir)
+    assert task.metadata.type == "Retrieval" and task.metadata.eval_splits == ["train"]
+    assert 0.0 <= _score(encoder, task) <= 1.0
+
+
+@pytest.mark.slow
+def test_classification_local_task(encoder, banking_dir):
+    task = mteb_tasks.local_task(banking_dir)
+    assert task.metadata.type == "Classification"
+    assert 0.0 <= _score(encoder, task) <= 1.0
+
+
+# ----------------------------------------------------------------------------- local tasks, loaded
+
+def test_single_classification_file_is_split_into_train_and_test(tmp_path):
+    path = _write(tmp_path / "intents.jsonl",
+                  [{"text": f"text {i}", "label": "ab"[i % 2]} for i in range(20)])
+    task = mteb_tasks.local_task(path)
+    task.load_data()
+    assert task.metadata.type == "Classification"
+    assert len(task.dataset["train"]) == 16 and len(task.dataset["test"]) == 4
+    assert set(task.dataset["test"]["label"]) == {0, 1}
+
+
+def test_classification_train_test_leak_is_dropped_with_a_warning(tmp_path):
+    _write(tmp_path / "cls" / "train.jsonl",
+           [{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(8)])
+    _write(tmp_path / "cls" / "test.jsonl",
+           [{"text": "t0", "label": "a"}, {"text": "new", "label": "b"}])
+    task = mteb_tasks.local_task(tmp_path / "cls")
+    with pytest.warns(UserWarning, match="also in train"):
+        task.load_data()
+    assert task.dataset["test"]["text"] == ["new"]
+
+
+def test_limit_cuts_local_tasks_and_files_results_apart(sts_file, scifact_dir, banking_dir):
+    sts, beir, cls = (mteb_tasks.local_task(p, limit=3)
+                      for p in (sts_file, scifact_dir, banking_dir))
+    for task in (sts, beir, cls):
+        task.load_data()
+        assert task.metadata.name.endswith("_first3")
+    assert len(sts.dataset["test"]) == 3
+    assert len(beir.dataset["default"]["train"]["queries"]) == 3
+    assert len(cls.dataset["train"]) == 3 and len(cls.dataset["test"]) == 3
+
+
+def test_local_task_names_and_refusals(tmp_path):
+    sts = _write(tmp_path / "pairs.jsonl", [{"sentence1": "a", "sentence2": "b", "score": s}
+                                            for s in (1, 2)])
+    assert mteb_tasks.local_task(sts).metadata.name == "LocalSTS_pairs"
+    with pytest.raises(UsageError, match="missing.jsonl: no such file or folder"):
+        mteb_tasks.local_task(tmp_path / "missing.jsonl")
+    other = _write(tmp_path / "other.jsonl", [{"query": "q", "answer": "a"}])
+    with pytest.raises(UsageError, match="other.jsonl:1: expected fields .* found answer, query$"):
+        mteb_tasks.local_task(other)
+    _write(tmp_path / "beir" / "corpus.jsonl", [{"_id": "d1", "text": "a"}])
+    with pytest.raises(UsageError, match="qrels: no .tsv judgement files"):
+        mteb_tasks.local_task(tmp_path / "beir")
+
+
+# --------------------------------------------------------------------------- names, ids, the cache
+
+def test_close_matches_of_a_typo():
+    """resolve_tasks names them for an unknown task or benchmark (the CLI test: test_evaluate)."""
+    names = ["STSBenchmark", "STS12", "SciFact", "Banking77Classification"]
+    assert mteb_tasks._closest("STSBenchmrk", names) == "; close matches: STSBenchmark"
+    assert mteb_tasks._closest("zzzzzz", names) == ""
+
+
+def test_local_tasks_are_read_when_resolved(tmp_path):
+    """A bad row fails in resolve_tasks, before any model loads."""
+    bad = _write(tmp_path / "bad.jsonl", [{"sentence1": "a", "sentence2": "b", "score": 1},
+                                          {"sentence1": "a", "sentence2": "b"}])
+    args = argparse.Namespace(tasks=None, benchmark=None, local=[str(bad)], limit=None)
+    with pytest.raises(ValueError, match="bad.jsonl:2: field 'score' is missing"):
+        mteb_tasks.resolve_tasks(args)
+
+
+def test_model_id_is_one_revision_per_checkpoint(tiny, tmp_path):
+    model, _ = tiny
+    assert mteb_tasks.model_id("tiny", model) == ("grace/tiny", "tiny-seed0")
+    name, rev = mteb_tasks.model_id("tiny-lm", model)
+    assert name == "grace/tiny-lm" and len(rev) == 12
+    folder = tmp_path / "run" / "step-5"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"weights")
+    name, rev = mteb_tasks.model_id(str(folder), model)
+    assert name == "run/step-5" and len(rev) == 12
+    (folder / "model.safetensors").write_bytes(b"other weights")  # retrained: a new revision
+    again = mteb_tasks.model_id(folder, model)
+    assert again[0] == "run/step-5" and again[1] != rev
+    assert mteb_tasks.model_id(str(folder), model) == again
+    assert mteb_tasks.model_id("someone/some-model", model)[0] == "someone/some-model"
+
+
+def test_result_cache_files_results_directly_under_out(encoder, tmp_path):
+    cache = mteb_tasks.result_cache(tmp_path / "results")
+    path = cache.get_task_result_path("LocalSTS_x", encoder.mteb_model_meta)
+    rel = path.relative_to(tmp_path / "results")
+    assert rel.parts[:3] == ("grace__tiny", "tiny-seed0", "experiments")
+    assert rel.name == "LocalSTS_x.json"
+
+
+def test_checkpoint_settings_and_read_texts(tmp_path):
+    assert mteb_tasks.checkpoint_settings(tmp_path) == {}
+    assert mteb_tasks.checkpoint_settings("tiny") == {}
+    (tmp_path / "grace.json").write_text('{"max_new_tokens": 3}')
+    assert mteb_tasks.checkpoint_settings(tmp_path) == {"max_new_tokens": 3}
+    (tmp_path / "grace.json").write_text("{cut")
+    with pytest.raises(UsageError, match="grace.json: not readable JSON"):
+        mteb_tasks.checkpoint_settings(tmp_path)
+    (tmp_path / "grace.json").write_text("[1]")
+    with pytest.raises(UsageError, match="grace.json: expected a JSON object"):
+        mteb_tasks.checkpoint_settings(tmp_path)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("one\n\n two \n")
+    assert mteb_tasks.read_texts(texts) == ["one", " two "]
+    texts.write_text("\n \n")
+    with pytest.raises(UsageError, match="texts.txt: no texts"):
+        mteb_tasks.read_texts(texts)
+
+
+def test_check_model_name_refuses_a_missing_folder_at_once(tmp_path):
+    mteb_tasks.check_model_name("tiny")
+    mteb_tasks.check_model_name(tmp_path)
+    with pytest.raises(UsageError, match="model folder not found: ./no_such_model"):
+        mteb_tasks.check_model_name("./no_such_model")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":  # conftest: offline, so a hub name fails at once
+        with pytest.raises(UsageError, match=r"model 'nobody/no-such-model-xyz': .*\(offline"):
+            mteb_tasks.check_model_name("nobody/no-such-model-xyz")
+
+
+# ----------------------------------------------------------------------------- the summary table
+
+def test_summary_table_scores_averages_diff_and_stats():
+    columns = {"grace/a": {"S1": 0.5, "R1": 0.25}, "grace/b": {"S1": 0.25, "R1": 0.25}}
+    types = {"S1": "STS", "R1": "Retrieval"}
+    stats = {"grace/a": dict(texts=4, tokens=10, empty=1, rationale=True),
+             "grace/b": dict(texts=4, tokens=0, empty=4, rationale=False)}
+    lines = mteb_tasks.summary_table(columns, types, stats, {"grace/a": 12.5, "grace/b": 3.0})
+    lines = lines.splitlines()
+    assert lines[0].split() == ["task", "type", "grace/a", "grace/b", "diff"]
+    row = {line.split("  ")[0].strip(): line.split() for line in lines if not line.startswith("-")}
+    assert row["S1"][-3:] == ["50.00", "25.00", "+25.00"]
+    assert row["R1"][-3:] == ["25.00", "25.00", "+0.00"]
+    assert row["average STS (1)"][-3:] == ["50.00", "25.00", "+25.00"]
+    assert row["average Retrieval (1)"][-1] == "+0.00"
+    assert row["average, all (2)"][-3:] == ["37.50", "25.00", "+12.50"]
+    assert row["rationale tokens (mean)"][-2:] == ["2.50", "-"]  # b has no rationale: not measured
+    assert row["empty rationales (%)"][-2:] == ["25.00", "-"]
+    assert row["perplexity"][-3:] == ["12.50", "3.00", "+9.50"]
+    nothing_new = {m: dict(s, texts=0) for m, s in stats.items()}
+    cached = mteb_tasks.summary_table(columns, types, nothing_new)
+    assert "rationale tokens (mean)" not in cached and "perplexity" not in cached  # all cached
+
+
+def test_model_meta_files_settings_apart(encoder):
+    meta = encoder.mteb_model_meta
+    assert meta.name == "grace/tiny" and meta.embed_dim == encoder.model.config.hidden_size
+    assert meta.max_tokens == mteb_tasks.DEFAULT_MAX_LENGTH
+    assert meta.n_parameters == sum(p.numel() for p in encoder.model.parameters())
+    assert meta.experiment_kwargs == dict(rationale=True, instructions=False, seed=0,
+                                          max_new_tokens=NEW, temperature=0.0, top_p=1.0)
+    other = evaluate.GraceEncoder("tiny", model=encoder.model, tokenizer=encoder.tokenizer,
+                                  system_prompt="Describe.", max_length=256, max_new_tokens=NEW)
+    kwargs = other.mteb_model_meta.experiment_kwargs
+    assert kwargs["max_length"] == 256 and len(kwargs["system_prompt"]) == 10
