@@ -3,6 +3,8 @@
 The embedding of a text is policy.encode's, the one definition training uses too: system prompt +
 text -> a rationale written by the model (greedy by default) -> the L2-normalised mean of the last
 hidden states over text + rationale. --no-rationale pools the prompt alone: the base-model baseline.
+--protocol release embeds as the authors' evaluation did (sampled, 2048 tokens, the raw mean) and
+runs their 55 tasks; docs/evaluation.md compares the two.
 
     from evaluate import GraceEncoder
     emb = GraceEncoder("out/final").encode(["a text", "another"])   # (2, H) float32, unit vectors
@@ -12,6 +14,7 @@ hidden states over text + rationale. --no-rationale pools the prompt alone: the 
     python evaluate.py --model out/final --explain "A man plays a guitar." --corpus sentences.txt
 
 A checkpoint's grace.json (written by train.py) sets the default rationale length and system prompt.
+Every model of a run (--baseline) embeds with the first model's resolved settings.
 Results are mteb's JSONs under --out: MODEL/REVISION/experiments/SETTINGS/TASK.json, reused by a
 rerun ("(cached)") unless --recompute. Flags: infra/cli.py; mteb plumbing: infra/mteb_tasks.py.
 """
@@ -20,7 +23,6 @@ import gc
 import math
 import os
 import sys
-import time
 
 import numpy as np
 import torch
@@ -29,9 +31,7 @@ import policy
 import rollout
 from infra import cli, data, diagnostics, dist, fast_decode, mteb_tasks
 from infra.cli import UsageError
-from infra.mteb_tasks import DEFAULT_MAX_LENGTH
-
-DEFAULT_MAX_NEW_TOKENS = 256  # when the checkpoint has no grace.json (the release: 2048)
+from infra.mteb_tasks import DEFAULT_MAX_LENGTH, DEFAULT_MAX_NEW_TOKENS
 
 
 # ----------------------------------------------------------------------------- encoding (no mteb)
@@ -39,13 +39,14 @@ DEFAULT_MAX_NEW_TOKENS = 256  # when the checkpoint has no grace.json (the relea
 def encode_texts(model, tokenizer, texts, *, batch_size=16, max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
                  temperature=0.0, top_p=1.0, rationale=True,
                  system_prompt=policy.DEFAULT_SYSTEM_PROMPT, max_length=DEFAULT_MAX_LENGTH, seed=0,
-                 sort=True, return_rationales=False, progress=False, stats=None, desc=None,
-                 compile=False):
+                 normalize=True, sort=True, return_rationales=False, progress=False, stats=None,
+                 desc=None, compile=False):
     """(N, H) float32 numpy embeddings of `texts` by policy.encode, in their order [, rationales].
 
     sort=True batches texts of similar token length (longest first: an out-of-memory shows at once),
     so padding stays small. Greedy decoding makes a text's embedding independent of its batch;
-    sampling draws from one generator seeded with `seed`. progress: a tqdm bar (None: terminal).
+    sampling draws from one generator seeded with `seed`. normalize=False: the raw mean (the
+    release's evaluation). progress: a tqdm bar (None: terminal).
     stats: a dict to add counts to (texts, rationale tokens, empty rationales, prompts cut)."""
 
     from tqdm.auto import tqdm
@@ -67,7 +68,7 @@ def encode_texts(model, tokenizer, texts, *, batch_size=16, max_new_tokens=DEFAU
         enc = policy.encode(model, tokenizer, [texts[i] for i in idx], temperature=temperature,
                             max_new_tokens=max_new_tokens if rationale else 0, top_p=top_p,
                             system_prompt=system_prompt, max_length=max_length, generator=generator,
-                            step=step)
+                            normalize=normalize, step=step)
         out[idx] = enc.embeddings.float().cpu().numpy()
         rats, n_tokens, empty = diagnostics.rationale_stats(tokenizer, enc.rollout)
         for i, r in zip(idx, rats):  # back in input order
@@ -84,25 +85,21 @@ def encode_texts(model, tokenizer, texts, *, batch_size=16, max_new_tokens=DEFAU
 
 class GraceEncoder:
     """A GRACE policy as an encoder: `encode(list of str)` like sentence-transformers, and mteb's
-    protocol. max_new_tokens, system_prompt and max_length default to the checkpoint's grace.json,
-    else 256, the default prompt and 1024; decoding is greedy unless temperature > 0.
-    instructions=True appends mteb's task instruction (by prompt type: query vs document) to the
-    system prompt, so it steers the rationale while staying out of the pooled tokens. `stats`
-    counts texts, rationale tokens, empty ones."""
+    protocol. A setting left None is the protocol's (mteb_tasks.PROTOCOLS): under "grace", the
+    checkpoint's grace.json for max_new_tokens, system_prompt and max_length, else 256, the default
+    prompt, 1024; greedy; L2-normalised. "release": the authors' evaluation (2048 tokens, their
+    prompt, 1024, temperature 1, top-p 1, the raw mean). instructions=True appends mteb's task
+    instruction (by prompt type: query vs document) to the system prompt, so it steers the
+    rationale while staying out of the pooled tokens. `stats` counts texts, tokens, empty ones."""
 
-    def __init__(self, model_name_or_path="tiny", revision=None, *, max_new_tokens=None,
-                 batch_size=16, temperature=0.0, top_p=1.0, device=None, rationale=True, seed=0,
-                 instructions=False, system_prompt=None, max_length=None, model=None,
-                 tokenizer=None, progress=False, compile="auto"):
-        saved = mteb_tasks.checkpoint_settings(model_name_or_path)
-        self.sources, picked = {}, {}
-        for key, given, saved_key, fallback in (
-                ("max_new_tokens", max_new_tokens, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS),
-                ("system_prompt", system_prompt, "system_prompt", policy.DEFAULT_SYSTEM_PROMPT),
-                ("max_length", max_length, "max_prompt_tokens", DEFAULT_MAX_LENGTH)):
-            self.sources[key] = "given" if given is not None else \
-                "grace.json" if saved.get(saved_key) is not None else "default"
-            picked[key] = given if given is not None else saved.get(saved_key, fallback)
+    def __init__(self, model_name_or_path="tiny", revision=None, *, protocol="grace",
+                 max_new_tokens=None, system_prompt=None, max_length=None, temperature=None,
+                 top_p=None, normalize=None, seed=0, rationale=True, batch_size=16, device=None,
+                 instructions=False, model=None, tokenizer=None, progress=False, compile="auto"):
+        picked, self.sources = mteb_tasks.embedding_settings(
+            model_name_or_path, protocol, max_new_tokens=max_new_tokens,
+            system_prompt=system_prompt, max_length=max_length, temperature=temperature,
+            top_p=top_p, normalize=normalize)
         if device is None:  # under torchrun, each rank its own GPU
             device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() \
                 else "cpu"
@@ -116,25 +113,33 @@ class GraceEncoder:
             raise UsageError(f"--max-length {picked['max_length']}: {e}") from e
         if compile == "auto":  # the compiled sampler pays off on CUDA; on CPU each shape compiles
             compile = torch.device(device).type == "cuda"
-        self.settings = dict(batch_size=batch_size, max_new_tokens=picked["max_new_tokens"],
-                             temperature=temperature, top_p=top_p, rationale=rationale,
-                             max_length=picked["max_length"], seed=seed,
-                             compile=compile in (True, "on"))
-        self.system_prompt, self.instructions = picked["system_prompt"], instructions
+        self.system_prompt, self.instructions = picked.pop("system_prompt"), instructions
+        self.settings = dict(batch_size=batch_size, rationale=rationale, seed=seed,
+                             compile=compile in (True, "on"), **picked)
         self.progress, self.name_or_path, self.revision = progress, model_name_or_path, revision
         self.stats = {"texts": 0, "tokens": 0, "empty": 0, "cut": 0, "calls": 0}
+
+    def embedding(self):
+        """The resolved settings that shape the embeddings, as keyword arguments: a GraceEncoder
+        of another model given them embeds exactly as this one does (evaluate.py's --baseline)."""
+        keys = ("max_new_tokens", "max_length", "temperature", "top_p", "seed", "normalize",
+                "rationale")
+        return dict({k: self.settings[k] for k in keys}, system_prompt=self.system_prompt)
 
     def describe(self):
         """One line: the settings that shape the embeddings, and where each came from."""
         s, src = self.settings, self.sources
         prompt = self.system_prompt
         prompt = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+        decoding = "given" if "given" in (src["temperature"], src["top_p"]) else src["temperature"]
         how = "greedy" if s["temperature"] == 0 else \
             f"temperature {s['temperature']}, top-p {s['top_p']}, seed {s['seed']}"
-        rationale = f"rationale <= {s['max_new_tokens']} tokens ({src['max_new_tokens']}), {how}" \
-            if s["rationale"] else "no rationale"
+        rationale = f"rationale <= {s['max_new_tokens']} tokens ({src['max_new_tokens']}), " \
+            f"{how} ({decoding})" if s["rationale"] else "no rationale"
+        pooling = "L2-normalised mean" if s["normalize"] else "raw mean, not normalised"
         return (f"{rationale}; prompt <= {s['max_length']} tokens ({src['max_length']}); "
-                f"system prompt ({src['system_prompt']}): {prompt!r}")
+                f"{pooling} ({src['normalize']}); system prompt ({src['system_prompt']}): "
+                f"{prompt!r}")
 
     def encode_texts(self, texts, system_prompt=None, return_rationales=False, batch_size=None,
                      progress=None, desc=None):
@@ -150,8 +155,9 @@ class GraceEncoder:
                normalize_embeddings=True, **kwargs):
         """A str or list of str -> float32 numpy (N, H) (a torch tensor with convert_to_tensor), as
         sentence-transformers does; mteb's DataLoader of {"text": [...]} batches -> numpy (mteb's
-        protocol). Embeddings are always L2-normalised (GRACE's definition): normalize_embeddings
-        is accepted for compatibility only. A whitespace-only text is refused, as training does."""
+        protocol). Embeddings are L2-normalised unless the encoder's normalize is False (the
+        release's raw mean): normalize_embeddings is accepted for compatibility only. A
+        whitespace-only text is refused, as training does."""
         if isinstance(inputs, str) or (isinstance(inputs, (list, tuple))
                                        and all(isinstance(t, str) for t in inputs)):
             texts = [inputs] if isinstance(inputs, str) else list(inputs)
@@ -235,20 +241,22 @@ def perplexity(model, tokenizer, texts, batch_size=16, max_length=DEFAULT_MAX_LE
 def run(args):
     rank, world = dist.rank_world()
     say = print if rank == 0 else lambda *a, **k: None
-    enc_kwargs = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                      temperature=args.temperature, top_p=args.top_p, device=args.device,
-                      rationale=not args.no_rationale, seed=args.seed,
-                      instructions=args.instructions,
-                      max_length=args.max_length, system_prompt=args.system_prompt,
-                      progress=False if args.no_progress or rank else None, compile=args.compile)
+    embedding = dict(protocol=args.protocol, max_new_tokens=args.max_new_tokens,
+                     system_prompt=args.system_prompt, max_length=args.max_length,
+                     temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                     normalize=args.normalize, rationale=not args.no_rationale)
+    enc_kwargs = dict(batch_size=args.batch_size, device=args.device,
+                      instructions=args.instructions, compile=args.compile,
+                      progress=False if args.no_progress or rank else None)
     for name in args.model:  # a typo in the second model should not wait for the first's tasks
         mteb_tasks.check_model_name(name)
     if args.explain:
-        encoder = GraceEncoder(args.model[0], **enc_kwargs)
+        encoder = GraceEncoder(args.model[0], **embedding, **enc_kwargs)
         print(f"== {args.model[0]}: {encoder.describe()}")
         explain(encoder, args.explain, args.corpus, args.neighbours)
         return 0
-    tasks = mteb_tasks.resolve_tasks(args) if args.tasks or args.benchmark or args.local else []
+    tasks = mteb_tasks.resolve_tasks(args, say) if args.tasks or args.benchmark or args.local \
+        else []
     ppl_texts = mteb_tasks.read_texts(args.perplexity) if args.perplexity else None
     if not tasks and not ppl_texts:
         raise UsageError("nothing to evaluate: give --tasks, --benchmark, --local, --perplexity "
@@ -257,13 +265,17 @@ def run(args):
     cache = mteb_tasks.result_cache(args.out) if args.out and rank == 0 else None
     overwrite = "always" if args.recompute or world > 1 else "only-missing"
     columns, stats, ppl = {}, {}, {}
-    for name in args.model:
-        encoder = GraceEncoder(name, **enc_kwargs)
+    for i, name in enumerate(args.model):
+        encoder = GraceEncoder(name, **embedding, **enc_kwargs)
+        if i == 0:  # every model embeds with the first one's resolved settings
+            embedding = dict(encoder.embedding(), protocol=args.protocol)
+            say(f"embedding settings, all models: {encoder.describe()}", flush=True)
         label = encoder.mteb_model_meta.name if tasks else str(name)
         label = label if label not in stats else f"{label} ({len(stats) + 1})"
-        say(f"== {label}: {encoder.describe()}", flush=True)
+        say(f"== {label}", flush=True)
         if tasks:
-            columns[label] = evaluate_model(encoder, tasks, cache, args.batch_size, overwrite, say)
+            columns[label] = mteb_tasks.evaluate_model(encoder, tasks, cache, args.batch_size,
+                                                       overwrite, say)
             if cache is not None:
                 where = cache.get_task_result_path('TASK', encoder.mteb_model_meta).parent
                 say(f"   results in {where}", flush=True)
@@ -281,37 +293,6 @@ def run(args):
         say(mteb_tasks.summary_table(columns, {t.metadata.name: t.metadata.type for t in tasks},
                                      stats, ppl))
     return 0
-
-
-def evaluate_model(encoder, tasks, cache, batch_size, overwrite="only-missing", say=print):
-    """{task name: main score} through mteb.evaluate, one task at a time: a line as each ends."""
-    import mteb
-    from datasets.exceptions import DatasetNotFoundError
-
-    scores = {}
-    for task in tasks:
-        name, before, start = task.metadata.name, dict(encoder.stats), time.perf_counter()
-        try:
-            result = mteb.evaluate(encoder, task, cache=cache, overwrite_strategy=overwrite,
-                                   encode_kwargs={"batch_size": batch_size},
-                                   show_progress_bar=False)
-        except (ConnectionError, DatasetNotFoundError) as e:  # offline, or a hub hiccup
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise UsageError(f"task {name}: its data set could not be downloaded ({first}); "
-                             "evaluate your own files offline with --local FILE_OR_DIR") from None
-        scores[name] = result.task_results[0].get_score()
-        n = encoder.stats["texts"] - before["texts"]
-        if encoder.stats["calls"] == before["calls"]:
-            note = "(cached)"
-        elif not encoder.settings["rationale"]:
-            note = f"{n} texts, no rationale"
-        else:
-            tokens, empty = (encoder.stats[k] - before[k] for k in ("tokens", "empty"))
-            note = (f"{n} texts, rationale {tokens / max(n, 1):.1f} tokens, "
-                    f"{100 * empty / max(n, 1):.0f}% empty")
-        say(f"   {name:<32} {100 * scores[name]:7.2f}  {time.perf_counter() - start:7.1f}s  {note}",
-            flush=True)
-    return scores
 
 
 def explain(encoder, texts, corpus=None, neighbours=3):

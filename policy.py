@@ -33,7 +33,7 @@ MODELS = Path(__file__).resolve().parent / "models"  # the built-ins: tiny (rand
 @dataclass
 class Encoded:
     rollout: rollout.Rollout  # (B*n, P+T); text-major: text i -> rows i*n .. i*n+n-1
-    embeddings: torch.Tensor  # (B*n, H) float32, L2-normalised
+    embeddings: torch.Tensor  # (B*n, H) float32, L2-normalised unless normalize=False
     pool_mask: torch.Tensor  # (B*n, P+T) the positions pooled: text + rationale
     prompts_cut: torch.Tensor  # (B,) bool: texts shortened to fit max_length
     logprobs: torch.Tensor | None = None  # (B*n, P+T) log pi(y_t | y_<t) under logits / T
@@ -41,14 +41,14 @@ class Encoded:
 
 @torch.no_grad()
 def encode(model, tokenizer, texts, *, n=1, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0,
-           system_prompt=DEFAULT_SYSTEM_PROMPT, max_length=1024, generator=None,
+           system_prompt=DEFAULT_SYSTEM_PROMPT, max_length=1024, generator=None, normalize=True,
            logprob_temperature=None, chunk_rows=None, sample_rows=None, step=None, device=None):
     """texts -> n rationales each -> Encoded: the one GRACE embedding, for training and evaluation.
 
-    temperature 0 is greedy; max_new_tokens 0 pools the prompt alone (the no-rationale baseline).
-    logprob_temperature: also score the rationale under logits / T (the old log-probs), one forward.
-    Bounds: sample_rows rows sampled at once (KV cache), chunk_rows per forward. step: the decode
-    step of rollout.sample; device: where the work happens (default the model's)."""
+    temperature 0 is greedy; max_new_tokens 0 pools the prompt alone (the no-rationale baseline);
+    normalize False keeps the raw mean. logprob_temperature: also score the rationale under logits
+    / T (the old log-probs), same forward. Bounds: sample_rows rows sampled at once (KV cache),
+    chunk_rows per forward. step: rollout.sample's decode step; device: where the work happens."""
     device = device or next(model.parameters()).device
     ids, mask, start, cut = build_prompts(tokenizer, texts, system_prompt, max_length,
                                           return_truncated=True)
@@ -66,19 +66,20 @@ def encode(model, tokenizer, texts, *, n=1, max_new_tokens=256, temperature=0.0,
     for s in range(0, len(ids), rows):
         seqs, am = ro.sequences[s:s + rows], ro.attention_mask[s:s + rows]
         hidden = hidden_states(model, seqs, am)  # (rows, T, H): one forward serves both
-        embeddings.append(mean_pool(hidden, pool[s:s + rows]))
+        embeddings.append(mean_pool(hidden, pool[s:s + rows], normalize))
         if logprob_temperature is not None:
             cm = ro.completion_mask[s:s + rows]
             logprobs.append(token_logprobs(model, seqs, am, cm, logprob_temperature, hidden=hidden))
     return Encoded(ro, torch.cat(embeddings), pool, cut, torch.cat(logprobs) if logprobs else None)
 
 
-def mean_pool(hidden, pool_mask):
-    """h = normalize(sum_t m_t H_t / sum_t m_t): float32 mean over the mask, then L2-normalised."""
+def mean_pool(hidden, pool_mask, normalize=True):
+    """h = normalize(sum_t m_t H_t / sum_t m_t): float32 mean over the mask, L2-normalised unless
+    normalize is False (the raw mean, which the release's evaluation scores)."""
     m = pool_mask.bool().unsqueeze(-1)  # (B, T, 1)
     # where(), not a product: a padded position's state may be inf/NaN, and NaN * 0 is still NaN.
-    summed = torch.where(m, hidden.float(), 0.0).sum(1)  # (B, H)
-    return F.normalize(summed / m.sum(1).clamp(min=1), dim=-1)
+    mean = torch.where(m, hidden.float(), 0.0).sum(1) / m.sum(1).clamp(min=1)  # (B, H)
+    return F.normalize(mean, dim=-1) if normalize else mean
 
 
 def pool_mask_from(attention_mask, pool_start):

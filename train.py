@@ -19,18 +19,56 @@ h_q and h_n come from one low-temperature rationale each, shared by the group. O
 the main rationales carries gradient; nothing is back-propagated through the similarities.
 Unsupervised: one text per record; its own low-temperature rationale plays the query, no negative.
 
-Deviations from the authors' release, on purpose:
- 1. A KL penalty is on by default (beta = 0.001, k3); the release uses 0. --kl-coef 0 reproduces it
-    and loads no reference model.
- 2. When a rollout batch gets exactly one optimizer step (one mini-batch, --ppo-epochs 1), pi_old is
-    the current policy: the old log-probs are the new ones detached (rho = 1 exactly), as TRL does,
-    and their forward is skipped. Otherwise they come from the embedding forward (one pass).
- 3. A step whose loss or gradient norm is not finite is skipped (counted in `skipped`); three in a
-    row stop the run. Nothing non-finite is ever saved.
- 4. Under torchrun the token-mean is taken per rank, then gradients are averaged over ranks.
- 5. --objective contrastive is not GRACE: InfoNCE on the same pooled embeddings with gradients
-    through the encoder, the baseline the paper does not run (same data, checkpoints and metrics).
- 6. The in-training STS check (--eval-every) uses greedy rationales; the release samples at 1.0.
+Deviations from the authors' release (GasolSun36/GRACE, built on verl), each on purpose:
+ 1. The KL penalty is on by default (beta 0.001, k3, in the loss); the release's kl_loss_coef is 0.
+    Why: a tie to the base model, to keep its generative abilities; --kl-coef 0 is the release and
+    loads no reference model.
+ 2. One optimizer step per rollout batch (one mini-batch, --ppo-epochs 1): pi_old is the current
+    policy, its log-probs the new ones detached (rho = 1 exactly, as TRL does) and their forward
+    skipped; verl recomputes them in a separate pass (rho = 1 up to rounding). Otherwise they come
+    from the embedding forward (one pass). Why: a forward less for the same math.
+ 3. verl skips an optimizer step whose gradient norm is not finite; here one whose loss is not
+    finite too, counted in `skipped`, and three in a row stop the run; nothing non-finite is ever
+    saved. Why: a diverged run should stop, not go on training.
+ 4. The token-mean divides by the valid tokens of a rank's whole mini-batch, so accumulated
+    micro-batches give exactly its gradient; verl (dynamic batching) takes a token-mean per
+    micro-batch, weighted by the micro-batch's share of the mini-batch's rows. Both average the
+    gradients of the ranks, so under torchrun the mean is per rank in both.
+ 5. --objective contrastive is not GRACE: InfoNCE on the same pooled embeddings (greedy rationales,
+    in-batch negatives) with gradients through the encoder. The paper does run a contrastive
+    baseline ("w/ CL training (InfoNCE)", Table 1 and Table 5); the release's train.sh runs GRPO
+    only, so this one is ours: comparable here (same data, checkpoints and metrics), not the
+    paper's setup.
+ 6. The in-training STS check (--eval-every) writes greedy rationales: a deterministic number to
+    compare steps by. The release runs no such check; its evaluation samples one at 1.0.
+ 7. An over-long text is cut inside the text; the template and generation prompt stay whole
+    (policy.build_prompts). The release's evaluation cuts the whole chat prompt's tokens at 1024,
+    template included; its training keeps its raw prompt's first 1023 tokens + <|endoftext|>.
+    Why: a cut template loses the turn's end, the model's cue to answer.
+ 8. Two records of a rollout batch with the same positive are two reward groups of G here; the
+    release's reward manager merges rollouts of identical prompts into one group of 2G (clustering,
+    cross-group), while its advantages group by uid, per record as here. Why: one kind of group.
+ 9. --aggregation constant divides by rows x max_new_tokens (Dr.GRPO's fixed constant, on the
+    token-mean's scale); verl's Dr.GRPO mode (seq-mean-token-sum-norm) divides by the width L.
+10. A rationale is finished (no length penalty) when it stops at any of the generation_config's EOS
+    ids, where rollout.py stops (policy.stop_token_ids); the release's penalty checks
+    tokenizer.eos_token_id only. Why: one meaning of "finished" for sampling, masks and reward.
+11. Under torchrun a rank's rewards see its own groups only: the cross-group terms compare a group
+    with the batch / N groups of its rank; the release scores the whole rollout batch at once.
+    Why: no gather of embeddings across ranks (one process: identical).
+12. Presets tiny and tiny-lm use policy.DEFAULT_SYSTEM_PROMPT (the built-in models'); the release
+    preset uses the release's (cli.RELEASE_SYSTEM_PROMPT). --system-prompt[-file] sets any.
+13. Training prompts are chat prompts, as evaluation's (policy.render_prompt). The release's
+    training data (rl_dataset.py, as published) is raw text: PROMPT2, a line break, the text, a
+    line break, <|endoftext|>, with no chat template; only its evaluation (eval_mteb.py) has one.
+    Why: method.md's one prompt, the same in training and evaluation.
+
+Batch sizes are global, as released: --batch-size and --mini-batch-size count the texts of all N
+ranks together (batch / N and mini / N per rank: batch / mini optimizer steps per rollout batch,
+whatever N); --micro-batch-size is per rank. Each rank samples its groups with its own seed.
+Checkpoints of multi-process runs from before this counted --mini-batch-size per rank: resumed,
+the same number now gives N times more optimizer steps per rollout batch (to keep the old steps,
+pass --mini-batch-size M x N --force-resume).
 
 Precision: float32 master weights, gradients and AdamW state; on CUDA every forward (rollouts,
 embeddings, log-probs) runs under bf16 autocast (policy.autocast), and the frozen reference is kept
@@ -87,8 +125,9 @@ def kl_estimate(logp, ref_logp, kl_type):
     """Per-token estimates of KL(pi || ref) from samples of pi, d = ref - logp:
     k1 = -d,  k2 = d^2 / 2,  k3 = exp(d) - d - 1 (non-negative, low variance)."""
     d = ref_logp - logp
+    c = d.clamp(-20, 20)  # verl's low_var_kl guard: d in [-20, 20], then k3 in [-10, 10]
     return {"k1": lambda: -d, "k2": lambda: 0.5 * d ** 2,
-            "k3": lambda: torch.exp(d) - d - 1}[kl_type]()
+            "k3": lambda: (torch.exp(c) - c - 1).clamp(-10, 10)}[kl_type]()
 
 
 def loss_normaliser(mask, how, max_new_tokens=None):
@@ -127,7 +166,7 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, kl_coe
     """
     mask = mask.float()
     A = advantages.float()[:, None]  # (B, 1)
-    ratio = torch.exp(logp - old_logp)  # (B, T)
+    ratio = torch.exp((logp - old_logp).clamp(-20, 20))  # (B, T); verl's guard on the log-ratio
     unclipped, clipped = -ratio * A, -ratio.clamp(1 - clip_eps, 1 + clip_eps) * A
     per_token = torch.maximum(unclipped, clipped)
     if dual_clip is not None:
@@ -159,7 +198,7 @@ def rl_step(model, ref, tok, opt, batch, args, generator, world):
     """One GRPO step on a batch of records -> (metrics, (record, its first rationale))."""
     G, supervised = args.group_size, args.mode == "supervised"
     # one optimizer step per rollout batch: pi_old = pi_theta (its log-probs: the new ones detached)
-    on_policy = args.ppo_epochs == 1 and len(batch) == args.mini_batch_size
+    on_policy = args.ppo_epochs == 1 and len(batch) == args.mini_batch_size // world
     t0 = time.perf_counter()
 
     # 1. rollouts and embeddings, no gradient: G main rationales per positive (with pi_old's
@@ -200,8 +239,9 @@ def rl_step(model, ref, tok, opt, batch, args, generator, world):
     model.eval()  # rollouts use the KV cache, which gradient checkpointing (train mode) turns off
     t3 = time.perf_counter()
 
+    cut = None if args.no_length_penalty else main.rollout.truncated  # rewards replaced by -1
     metrics, rationales = diagnostics.rl_metrics(tok, main, side, rewards, parts, adv, stats,
-                                                 (t0, t1, t2, t3), G)
+                                                 (t0, t1, t2, t3), G, cut)
     return metrics, (batch[0], rationales[0])
 
 
@@ -211,7 +251,8 @@ def update(model, opt, rollouts, adv, old_logp, ref_logp, args, world):
     A step whose loss or gradient is not finite is skipped. -> mean loss statistics."""
     seqs, attention = rollouts.sequences, rollouts.attention_mask
     completion = rollouts.completion_mask  # (N, L) the tokens that are scored
-    rows, micro = args.mini_batch_size * args.group_size, args.micro_batch_size * args.group_size
+    G = args.group_size  # a rank's mini-batch: its share of the global one
+    rows, micro = args.mini_batch_size // world * G, args.micro_batch_size * G
     stats, skipped, grad_norm = [], 0, float("nan")
     for _ in range(args.ppo_epochs):
         for start in range(0, len(seqs), rows):
@@ -282,7 +323,8 @@ def contrastive_step(model, ref, tok, opt, batch, args, generator, world):
 
 
 def encode(model, tok, texts, args, stale=True, **kw):
-    """policy.encode with this run's rollout settings (prompt limit, length, nucleus, chunking).
+    """policy.encode with this run's settings (system prompt, prompt limit, length, nucleus,
+    chunking).
     --compile on: the compiled decode step (infra/fast_decode.py). --fsdp: rationales are sampled
     from a plain copy of the sharded weights (bf16 Linears on GPU), refreshed unless the caller says
     no optimizer step came since the last call (stale=False; a collective either way)."""
@@ -292,6 +334,7 @@ def encode(model, tok, texts, args, stale=True, **kw):
     step = fast_decode.static_step(sampler) if args.compile == "on" else rollout.plain_step(sampler)
     return policy.encode(model, tok, texts, max_new_tokens=args.max_new_tokens, top_p=args.top_p,
                          top_k=args.top_k, max_length=args.max_prompt_tokens,
+                         system_prompt=args.system_prompt,
                          chunk_rows=args.micro_batch_size * args.group_size,
                          sample_rows=args.rollout_rows or None, step=step,
                          device=next(sampler.parameters()).device, **kw)
@@ -387,38 +430,16 @@ def prepare(args, given, world, rank):
     """Everything that can fail on bad input, before anything is written: settings, data, models,
     optimizer, the resumed state. -> (records, model, tokenizer, reference or None, optimizer,
     state, sts pairs or None)."""
-    if args.offload and not args.fsdp:
-        raise UsageError("--offload needs --fsdp")
-    if args.fsdp and world == 1 and "RANK" not in os.environ:
-        raise UsageError("--fsdp needs torchrun (torchrun --nproc_per_node=N train.py ...; "
-                         "N = 1 works too)")
     state, resume_from, saved = runfolder.resume(args, given, rank)  # the saved settings win
     records = data.load_records(args.data, args.mode)
-    if args.batch_size > len(records) or args.batch_size % world or \
-            args.batch_size // world % args.mini_batch_size:
-        raise UsageError(f"--batch-size {args.batch_size} must be at most the {len(records)} "
-                         f"records and split into {world} process(es) x whole mini-batches of "
-                         f"--mini-batch-size {args.mini_batch_size}")
+    cli.check_run(args, given, world, len(records))  # --fsdp, the batch sizes over the ranks
     args.steps = args.steps or max(1, args.epochs * len(records) // args.batch_size)
-    if args.eval_every and not args.eval_data:
-        raise UsageError("--eval-every needs --eval-data FILE (JSONL with sentence1, sentence2, "
-                         "score, e.g. the STS Benchmark dev split)")
     sts = data.load_sts_pairs(args.eval_data, args.eval_pairs) if args.eval_every else None
     model, tok, ref = load_models(args, resume_from)
     torch.manual_seed(args.seed), random.seed(args.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    if resume_from is not None:
-        if args.fsdp:  # saved as a full state dict keyed by parameter name; each rank its slices
-            fsdp.load_optimizer_state(model, opt, saved["optimizer"])
-        else:
-            opt.load_state_dict(saved["optimizer"])
-        for group in opt.param_groups:  # the saved param_groups hold the old values: the flags win
-            group.update(lr=args.lr, weight_decay=args.weight_decay)
+    opt = runfolder.optimizer(model, args, saved)  # AdamW; resumed: the saved state
     if rank == 0:
-        print(f"grace: {args.objective} ({args.mode}) on {len(records)} records, model "
-              f"{args.model}, preset {args.preset}, {args.steps} steps of {args.batch_size} "
-              f"texts x G={args.group_size}, {world} process(es) on {args.device}"
-              + (f", from {resume_from}" if resume_from else ""), flush=True)
+        runfolder.announce(args, len(records), world, resume_from)
     return records, model, tok, ref, opt, state, sts
 
 
@@ -434,14 +455,7 @@ def load_models(args, resume_from):
             ref.eval().requires_grad_(False)
     except FileNotFoundError as e:
         raise UsageError(str(e)) from e
-    try:  # the prompt template alone must fit --max-prompt-tokens
-        policy.build_prompts(tok, ["x"], max_length=args.max_prompt_tokens)
-    except ValueError as e:
-        raise UsageError(f"--max-prompt-tokens {args.max_prompt_tokens}: {e}") from e
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and args.max_prompt_tokens + args.max_new_tokens > limit:
-        raise UsageError(f"--max-prompt-tokens {args.max_prompt_tokens} + --max-new-tokens "
-                         f"{args.max_new_tokens} exceeds the model's {limit} positions")
+    cli.check_lengths(args, model, tok)  # the template fits the prompt limit, all the positions
     disable_dropout(model)
     if args.grad_checkpointing:
         model.gradient_checkpointing_enable()

@@ -7,11 +7,13 @@ import argparse
 import inspect
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
 import torch
 
+import policy
 import reward
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,19 +82,26 @@ def check_device(parser, name):
 
 # ----------------------------------------------------------------------------- train.py
 
+# The authors' system prompt, quoted exactly: GasolSun36/GRACE uses it in training
+# (verl/utils/dataset/rl_dataset.py and verl/workers/reward_manager/*.py, PROMPT2) and in
+# evaluation (eval_mteb.py, PROMPT).
+RELEASE_SYSTEM_PROMPT = (
+    "Read and analyze the following text, then you need to provide your reasoning within "
+    "<think></think> tags. Finally, generate a comprehensive understanding of this text.")
+
 # Defaults by preset; --preset picks one (automatic for the built-in models), any flag
-# overrides it.
+# overrides it. Batch sizes count texts of all ranks together (the release's meaning).
 PRESETS = {
     # The authors' release: Qwen2.5-1.5B-Instruct on 4 x H100.
     "release": dict(batch_size=64, group_size=8, mini_batch_size=16, max_new_tokens=2048, lr=1e-6,
-                    epochs=2),
+                    epochs=2, system_prompt=RELEASE_SYSTEM_PROMPT),
     # The random 0.3M demo model: nothing moves at lr 1e-6 in 20 steps, so 3e-4.
     "tiny": dict(batch_size=8, group_size=4, mini_batch_size=4, max_new_tokens=24, lr=3e-4,
-                 steps=20),
+                 steps=20, system_prompt=policy.DEFAULT_SYSTEM_PROMPT),
     # The small LM of tools/pretrain.py: bench/learning.py's setting, 30 steps in ~1.5 min
     # (README, "Watch it learn").
     "tiny-lm": dict(batch_size=16, group_size=4, mini_batch_size=16, max_new_tokens=32, lr=1e-4,
-                    steps=30),
+                    steps=30, system_prompt=policy.DEFAULT_SYSTEM_PROMPT),
 }
 
 
@@ -131,6 +140,13 @@ def train_parser(suppress=False):
       "(default: tiny / tiny-lm for those models and their checkpoints, else release)")
     a("--max-prompt-tokens", type=int, default=1024,
       help="prompt length limit; longer texts are cut")
+    prompt = p.add_argument_group("system prompt").add_mutually_exclusive_group()
+    prompt.add_argument("--system-prompt", help="the instruction before each text, in training "
+                        "and in grace.json (evaluate.py's default); by preset: release the "
+                        "release's own (cli.RELEASE_SYSTEM_PROMPT), tiny and tiny-lm "
+                        "policy.DEFAULT_SYSTEM_PROMPT")
+    prompt.add_argument("--system-prompt-file", metavar="FILE", help="read --system-prompt from "
+                        "FILE (UTF-8, its final line break dropped; default: --system-prompt's)")
     a("--steps", type=int,
       help="rollout batches to train on (default: --epochs' worth)" + per_preset("steps"))
     a("--epochs", type=int,
@@ -165,12 +181,13 @@ def train_parser(suppress=False):
     a("--scale-adv-by-std", action="store_true",
       help="divide advantages by the group std (GRPO; the release does not)")
     a = group("optimisation")
-    a("--batch-size", type=int,
-      help="texts per rollout batch, all ranks together" + per_preset("batch_size"))
-    a("--mini-batch-size", type=int,
-      help="texts per optimizer step, per rank" + per_preset("mini_batch_size"))
-    a("--micro-batch-size", type=int,
-      help="texts per forward/backward: gradient accumulation (default: mini batch)")
+    a("--batch-size", type=int, help="texts per rollout batch, all ranks together (the "
+      "release's train_batch_size; N ranks: batch / N each)" + per_preset("batch_size"))
+    a("--mini-batch-size", type=int, help="texts per optimizer step, all ranks together (the "
+      "release's ppo_mini_batch_size; N ranks: mini / N each); batch / mini optimizer steps per "
+      "rollout batch" + per_preset("mini_batch_size"))
+    a("--micro-batch-size", type=int, help="texts per forward/backward on EACH rank: gradient "
+      "accumulation (default: a rank's share of the mini-batch, mini / N)")
     a("--ppo-epochs", type=int, default=1, help="passes over each rollout batch")
     a("--lr", type=float, help="AdamW learning rate, constant" + per_preset("lr"))
     a("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
@@ -237,10 +254,16 @@ def train_args(argv=None):
     p = train_parser()
     args = p.parse_args(argv)
     given = set(vars(train_parser(suppress=True).parse_args(argv)))
+    if args.system_prompt_file is not None:  # the file's text is the setting --system-prompt
+        args.system_prompt = read_system_prompt(p, args.system_prompt_file)
+        given.add("system_prompt")
+    elif args.system_prompt is not None and not args.system_prompt.strip():
+        p.error("--system-prompt is empty")
     args.preset = args.preset or default_preset(args.model)
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    # one process: a whole mini-batch (check_run refines it for N ranks: mini / N)
     args.micro_batch_size = args.micro_batch_size or args.mini_batch_size
     check_ranges(p, args, RANGES)
     check_device(p, args.device)
@@ -257,6 +280,66 @@ def train_args(argv=None):
     if args.compile == "auto":
         args.compile = "on" if args.device.startswith("cuda") else "off"
     return args, given
+
+
+def read_system_prompt(parser, path):
+    """--system-prompt-file's text, its final line break dropped; a missing, unreadable or empty
+    file is one line naming it."""
+    try:
+        text = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+    except FileNotFoundError:
+        parser.error(f"--system-prompt-file {path}: no such file")
+    except (OSError, UnicodeDecodeError) as e:
+        parser.error(f"--system-prompt-file {path}: unreadable "
+                     f"({getattr(e, 'strerror', None) or e})")
+    if not text.strip():
+        parser.error(f"--system-prompt-file {path} is empty")
+    return text
+
+
+def check_run(args, given, world, records):
+    """Settings that need the number of processes (world) or of records, before anything is
+    written: --fsdp needs torchrun, and the GLOBAL --batch-size / --mini-batch-size (all ranks
+    together, as released) must split evenly -> UsageError naming the numbers. Sets a rank's
+    micro-batch default: its share of a mini-batch."""
+    if args.offload and not args.fsdp:
+        raise UsageError("--offload needs --fsdp")
+    if args.fsdp and world == 1 and "RANK" not in os.environ:
+        raise UsageError("--fsdp needs torchrun (torchrun --nproc_per_node=N train.py ...; "
+                         "N = 1 works too)")
+    if args.eval_every and not args.eval_data:
+        raise UsageError("--eval-every needs --eval-data FILE (JSONL with sentence1, sentence2, "
+                         "score, e.g. the STS Benchmark dev split)")
+
+    def flag(k):  # "--batch-size 64 (preset release)": where a value not given came from
+        where = "" if k in given else \
+            " (the resumed run's)" if args.resume else f" (preset {args.preset})"
+        return f"--{k.replace('_', '-')} {getattr(args, k)}{where}"
+    batch, mini = args.batch_size, args.mini_batch_size
+    if batch > records:
+        raise UsageError(f"{flag('batch_size')} is more than the {records} records of --data")
+    split = f"does not split over {world} processes"
+    problem = (f"{flag('batch_size')} {split}" if batch % world else
+               f"{flag('mini_batch_size')} {split}" if mini % world else
+               f"{flag('batch_size')} is not a whole number of mini-batches of "
+               f"{flag('mini_batch_size')}" if batch % mini else None)
+    if problem:
+        raise UsageError(f"{problem} (both count the texts of all processes together)")
+    if "micro_batch_size" not in given and not args.resume:
+        args.micro_batch_size = mini // world
+
+
+def check_lengths(args, model, tokenizer):
+    """The prompt template with this run's system prompt must fit --max-prompt-tokens, and a
+    prompt and its rationale the model's positions (else a UsageError naming the flags)."""
+    try:
+        policy.build_prompts(tokenizer, ["x"], args.system_prompt, args.max_prompt_tokens)
+    except ValueError as e:
+        raise UsageError(f"--max-prompt-tokens {args.max_prompt_tokens}: {e}") from e
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and args.max_prompt_tokens + args.max_new_tokens > limit:
+        raise UsageError(f"--max-prompt-tokens {args.max_prompt_tokens} + --max-new-tokens "
+                         f"{args.max_new_tokens} exceeds the model's {limit} positions")
 
 
 # a reward's option: the flag that sets it
@@ -290,7 +373,8 @@ def default_preset(model):
 def evaluate_args(argv=None):
     p = Parser(prog="evaluate.py", formatter_class=HelpFormatter,
                description="MTEB scores of a GRACE policy (a rationale per text, then mean "
-                           "pooling).")
+                           "pooling), under grace's protocol or the release's "
+                           "(docs/evaluation.md).")
     g = p.add_argument_group("models")
     g.add_argument("--model", action="append",
                    help="model folder, hub name or 'tiny'; twice = compare (default: tiny)")
@@ -301,7 +385,9 @@ def evaluate_args(argv=None):
     g = p.add_argument_group("what to evaluate")
     g.add_argument("--tasks", help="comma-separated mteb task names, e.g. STSBenchmark,SciFact")
     g.add_argument("--benchmark",
-                   help="an mteb benchmark name, e.g. 'MTEB(eng, v1)' (the classic English MTEB)")
+                   help="an mteb benchmark name, e.g. 'MTEB(eng, v1)' (the classic English MTEB), "
+                        "or GRACE-release: the release's 55 tasks, split test, every language "
+                        "subset")
     # torchrun takes --local
     g.add_argument("--local", "--local-files", action="append", metavar="FILE_OR_DIR",
                    help="your own task: STS .jsonl | BEIR retrieval folder | classification file "
@@ -319,17 +405,25 @@ def evaluate_args(argv=None):
                    help="with --corpus: nearest texts shown per text")
     g.add_argument("--top-k", action=Renamed, const="--neighbours")
     g = p.add_argument_group("the embedding")
+    g.add_argument("--protocol", default="grace", choices=["grace", "release"],
+                   help="release: embed as the authors' evaluation did (their system prompt, "
+                        "temperature 1.0, top-p 1.0, 2048 new tokens, prompt <= 1024 tokens, the "
+                        "raw mean; without --tasks/--benchmark/--local/--perplexity: "
+                        "--benchmark GRACE-release); a flag given overrides it")
     g.add_argument("--max-new-tokens", type=int,
                    help="rationale length cap (default: the checkpoint's grace.json, else 256)")
     g.add_argument("--system-prompt",
                    help="the instruction before each text (default: grace.json's, else policy's)")
     g.add_argument("--max-length", type=int,
                    help="prompt length cap in tokens (default: grace.json's, else 1024)")
-    g.add_argument("--temperature", type=float, default=0.0,
-                   help="0 = greedy; the release samples at 1.0")
-    g.add_argument("--top-p", type=float, default=1.0,
-                   help="nucleus sampling, with --temperature > 0")
+    g.add_argument("--temperature", type=float,
+                   help="0 = greedy (default: 0; --protocol release: 1.0)")
+    g.add_argument("--top-p", type=float,
+                   help="nucleus sampling, with --temperature > 0 (default: 1.0)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed, with --temperature > 0")
+    g.add_argument("--normalize", action=argparse.BooleanOptionalAction,
+                   help="L2-normalise the mean-pooled embedding (default: yes; --protocol "
+                        "release: no, the raw mean)")
     g.add_argument("--no-rationale", action="store_true",
                    help="pool the prompt alone: the base-model baseline")
     g.add_argument("--instructions", action="store_true",
@@ -348,7 +442,10 @@ def evaluate_args(argv=None):
     check_ranges(p, args, dict(batch_size=(1, 2 ** 16), max_new_tokens=(0, 2 ** 17),
                                max_length=(1, 2 ** 20), neighbours=(1, 10 ** 6),
                                seed=(0, 2 ** 63 - 1), limit=(1, 2 ** 40), temperature=(0, 100)))
-    if not 0 < args.top_p <= 1:
+    if args.protocol == "release" and not (args.tasks or args.benchmark or args.local or
+                                           args.explain or args.perplexity):
+        args.benchmark = "GRACE-release"  # the release's task list (infra/mteb_tasks.py)
+    if args.top_p is not None and not 0 < args.top_p <= 1:
         p.error(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.explain and (args.tasks or args.benchmark or args.local or args.perplexity or
                          args.limit):

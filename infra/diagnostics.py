@@ -29,10 +29,10 @@ def rationale_metrics(tok, ro):
                 truncated_frac=ro.truncated.float().mean().item()), texts
 
 
-def rl_metrics(tok, main, side, rewards, parts, adv, stats, times, G):
+def rl_metrics(tok, main, side, rewards, parts, adv, stats, times, G, penalised=None):
     """What train.rl_step logs: the reward and its terms, the advantages, the rationales, the
-    seconds of each stage, the loss statistics and the collapse.
-    -> (metrics, decoded rationales)"""
+    seconds of each stage, the loss statistics and the collapse. penalised: (N,) bool, the rows
+    whose reward the length penalty replaced (None: no penalty). -> (metrics, decoded rationales)"""
     t0, t1, t2, t3 = times
     ro = main.rollout
     about, rationales = rationale_metrics(tok, ro)
@@ -44,7 +44,7 @@ def rl_metrics(tok, main, side, rewards, parts, adv, stats, times, G):
                    t_rollout=t1 - t0, t_score=t2 - t1, t_update=t3 - t2,
                    tokens_per_s=ro.completion_mask.sum().item() / (t1 - t0),
                    compilations=fast_decode.compilations(), **stats,
-                   **collapse(main.embeddings, parts, G, ro))
+                   **collapse(main.embeddings, parts, G, ro, rewards, penalised))
     return metrics, rationales
 
 
@@ -56,9 +56,14 @@ def cos_between_texts(emb, group_size=1):
     return (emb @ emb.T)[different].mean().item() if different.any() else float("nan")
 
 
-def collapse(main, parts, G, ro):
+def collapse(main, parts, G, ro, rewards=None, penalised=None):
     """Collapse (cosine between different texts), diversity (within a group), and per reward term
-    the share of its variance that is within groups: the only part a group baseline passes on."""
+    the share of its variance that is within groups: the only part a group baseline passes on.
+
+    Measured on what reaches the advantage: on a row the length penalty replaced (penalised, (N,)
+    bool) every term's value is 0, and the penalty (that row's reward, else 0) is a part of its
+    own, within_share/length_penalty (logged whenever penalised is given, so every rank and step
+    logs the same keys)."""
     n = main.shape[0] // G
     group = torch.arange(main.shape[0], device=main.device) // G
     same_not_self = (group[:, None] == group[None, :]) & ~torch.eye(len(group), dtype=torch.bool,
@@ -66,11 +71,15 @@ def collapse(main, parts, G, ro):
     out = {"cos_between_texts": cos_between_texts(main, G),
            "cos_within_group": (main @ main.T)[same_not_self].mean().item() if G > 1
                                else float("nan")}
-    for k, v in parts.items():
-        if k != "truncated":
-            total = v.var(unbiased=False).item()
-            within = v.reshape(n, G).var(-1, unbiased=False).mean().item()
-            out[f"within_share/{k}"] = within / total if total > 1e-12 else 0.0
+    effective = {k: v for k, v in parts.items() if k != "truncated"}
+    if penalised is not None:
+        cut = penalised.bool()
+        effective = {k: torch.where(cut, 0.0, v.float()) for k, v in effective.items()}
+        effective["length_penalty"] = torch.where(cut, rewards.float(), 0.0)
+    for k, v in effective.items():
+        total = v.var(unbiased=False).item()
+        within = v.reshape(n, G).var(-1, unbiased=False).mean().item()
+        out[f"within_share/{k}"] = within / total if total > 1e-12 else 0.0
     distinct = [len(set(s[m.bool()].tolist())) / max(1, int(m.sum()))
                 for s, m in zip(ro.sequences, ro.completion_mask)]
     out["distinct_token_ratio"] = sum(distinct) / len(distinct)

@@ -1,25 +1,89 @@
-"""evaluate.py's plumbing around mteb: task names, local files as mteb tasks, the result cache.
+"""evaluate.py's plumbing around mteb: protocols, task names, local files as mteb tasks, the cache.
 
+- PROTOCOLS:       the embedding settings of grace's protocol and of the release's evaluation;
+                   embedding_settings() resolves one model's (flags > grace.json > protocol)
+- RELEASE_TASKS:   the release's 55 tasks (--benchmark GRACE-release), run on split "test"
 - resolve_tasks(): --tasks / --benchmark / --local -> mteb task objects (close matches for typos)
 - local_task():    an STS JSONL, a BEIR folder or a classification file as an mteb task
 - result_cache():  mteb's ResultCache writing to OUT/MODEL/REVISION/...; model_id() names a model
 - model_meta():    the ModelMeta mteb files an encoder's results under
+- evaluate_model(): one model's scores through mteb.evaluate, a line per task
 - summary_table(): the text table evaluate.py prints at the end
 """
+import copy
 import difflib
 import hashlib
 import itertools
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 
 import policy
 from infra import data
-from infra.cli import UsageError
+from infra.cli import RELEASE_SYSTEM_PROMPT, UsageError
 
 DEFAULT_MAX_LENGTH = 1024  # evaluate.py's prompt limit when a checkpoint has no grace.json
+DEFAULT_MAX_NEW_TOKENS = 256  # its rationale limit then (the release: 2048)
+
+# What each --protocol embeds with when a flag does not say (under grace, a checkpoint's grace.json
+# comes first for the three it saves). release: the authors' eval.sh + eval_mteb.py (vLLM samples
+# at temperature 1, top-p 1, 2048 new tokens; the chat prompt cut to 1024 tokens; the raw mean).
+PROTOCOLS = {
+    "grace": dict(max_new_tokens=DEFAULT_MAX_NEW_TOKENS, system_prompt=policy.DEFAULT_SYSTEM_PROMPT,
+                  max_length=DEFAULT_MAX_LENGTH, temperature=0.0, top_p=1.0, normalize=True),
+    "release": dict(max_new_tokens=2048, system_prompt=RELEASE_SYSTEM_PROMPT, max_length=1024,
+                    temperature=1.0, top_p=1.0, normalize=False),
+}
+GRACE_JSON_KEYS = dict(max_new_tokens="max_new_tokens", system_prompt="system_prompt",
+                       max_length="max_prompt_tokens")  # setting: its key in grace.json
+
+# The release's task list (eval.sh ALL_TASKS), by type; eval_mteb.py runs it with
+# eval_splits=["test"] and every language subset. Its clustering comment says 11 tasks: 10 are
+# listed (StackExchangeClusteringP2P is not). TweetSentimentClassification is the multilingual
+# tweet task (8 languages), not MTEB(eng)'s TweetSentimentExtractionClassification.
+RELEASE_TASKS = {
+    "STS": ["BIOSSES", "SICK-R", "STS12", "STS13", "STS14", "STS15", "STS16", "STS17",
+            "STSBenchmark", "STS22"],
+    "Summarization": ["SummEval"],
+    "Retrieval": ["ArguAna", "CQADupstackRetrieval", "FiQA2018", "NFCorpus", "SCIDOCS", "SciFact",
+                  "ClimateFEVER", "DBPedia", "NQ", "FEVER", "HotpotQA", "MSMARCO",
+                  "QuoraRetrieval", "TRECCOVID", "Touche2020"],
+    "Reranking": ["AskUbuntuDupQuestions", "MindSmallReranking", "SciDocsRR",
+                  "StackOverflowDupQuestions"],
+    "Clustering": ["ArxivClusteringP2P", "ArxivClusteringS2S", "BiorxivClusteringP2P",
+                   "BiorxivClusteringS2S", "MedrxivClusteringP2P", "MedrxivClusteringS2S",
+                   "RedditClustering", "RedditClusteringP2P", "StackExchangeClustering",
+                   "TwentyNewsgroupsClustering"],
+    "PairClassification": ["SprintDuplicateQuestions", "TwitterSemEval2015", "TwitterURLCorpus"],
+    "Classification": ["AmazonCounterfactualClassification", "AmazonPolarityClassification",
+                       "AmazonReviewsClassification", "Banking77Classification",
+                       "EmotionClassification", "ImdbClassification",
+                       "ToxicConversationsClassification", "MTOPDomainClassification",
+                       "MassiveIntentClassification", "MassiveScenarioClassification",
+                       "MTOPIntentClassification", "TweetSentimentClassification"],
+}
+RELEASE_BENCHMARK = "GRACE-release"  # --benchmark's name for RELEASE_TASKS
+RELEASE_SPLIT = "test"
+
+
+def embedding_settings(name_or_path, protocol="grace", **given):
+    """-> (settings, sources) of one model: a given value (not None) as is; else, under the grace
+    protocol, the checkpoint's grace.json; else the protocol's. sources: key -> 'given',
+    'grace.json', 'default' (grace's) or 'release'."""
+    if protocol not in PROTOCOLS:
+        raise UsageError(f"unknown protocol {protocol!r}: {' or '.join(PROTOCOLS)}")
+    saved = checkpoint_settings(name_or_path) if protocol == "grace" else {}
+    settings, sources = {}, {}
+    for key, fallback in PROTOCOLS[protocol].items():
+        saved_value = saved.get(GRACE_JSON_KEYS.get(key))
+        settings[key], sources[key] = (
+            (given[key], "given") if given.get(key) is not None else
+            (saved_value, "grace.json") if saved_value is not None else
+            (fallback, "default" if protocol == "grace" else protocol))
+    return settings, sources
 
 
 def checkpoint_settings(path):
@@ -70,30 +134,61 @@ def _closest(name, choices):
     return f"; close matches: {', '.join(close)}" if close else ""
 
 
-def resolve_tasks(args):
-    """Task objects from --tasks, --benchmark and --local;
-    unknown names list their close matches."""
+def resolve_tasks(args, say=print):
+    """Task objects from --tasks, --benchmark (mteb's, or GRACE-release) and --local; unknown names
+    list their close matches. GRACE-release's tasks, and every hub task under --protocol release,
+    run split "test" only, as the release did: say() prints one line for each task that has none,
+    naming what runs instead."""
     import mteb
 
-    tasks = []
-    for name in [t.strip() for t in (args.tasks or "").split(",") if t.strip()]:
+    names = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    tasks, listed = [_hub_task(name) for name in names], []
+    if args.benchmark == RELEASE_BENCHMARK:
+        listed = [_hub_task(name) for group in RELEASE_TASKS.values() for name in group]
+    elif args.benchmark:
         try:
-            tasks.append(mteb.get_task(name))
+            # copies: the splits of a release run must not stick to mteb's benchmark objects
+            listed = [copy.copy(t) for t in mteb.get_benchmark(args.benchmark).tasks]
         except KeyError:
-            names = [t.metadata.name for t in mteb.get_tasks(exclude_superseded=False)]
-            raise UsageError(f"unknown task {name!r}{_closest(name, names)}") from None
-    if args.benchmark:
-        try:
-            tasks.extend(mteb.get_benchmark(args.benchmark).tasks)
-        except KeyError:
-            names = [b.name for b in mteb.get_benchmarks()]
+            names = [b.name for b in mteb.get_benchmarks()] + [RELEASE_BENCHMARK]
             raise UsageError(f"unknown benchmark {args.benchmark!r}"
                              f"{_closest(args.benchmark, names)}") from None
+    release = getattr(args, "protocol", "grace") == "release"
+    for task in (tasks + listed if release else
+                 listed if args.benchmark == RELEASE_BENCHMARK else []):
+        note = release_split(task)
+        if note:
+            say(note)
+    tasks += listed
     for path in args.local or []:
         task = local_task(path, args.limit)
         task.load_data()  # read and check the file now: a bad row fails before any model loads
         tasks.append(task)
     return tasks
+
+
+def _hub_task(name):
+    import mteb
+
+    try:
+        return mteb.get_task(name)
+    except KeyError:
+        names = [t.metadata.name for t in mteb.get_tasks(exclude_superseded=False)]
+        raise UsageError(f"unknown task {name!r}{_closest(name, names)}") from None
+
+
+def release_split(task):
+    """Keep the split the release asked for ("test") -> None; a task without one keeps its own
+    splits -> the line saying so."""
+    import mteb
+
+    splits = list(task.eval_splits)
+    if RELEASE_SPLIT in splits:
+        task.filter_eval_splits([RELEASE_SPLIT])
+        return None
+    return (f"{task.metadata.name}: the release asked for split '{RELEASE_SPLIT}', which mteb "
+            f"{mteb.__version__} does not define for this task; grace runs its "
+            f"{', '.join(repr(s) for s in splits)} split instead")
 
 
 def result_cache(out):
@@ -260,11 +355,13 @@ def model_meta(encoder):
     experiment = dict(rationale=s["rationale"], instructions=encoder.instructions, seed=s["seed"],
                       **({k: s[k] for k in ("max_new_tokens", "temperature", "top_p")}
                          if s["rationale"] else {}))
-    # these two only when changed: defaults keep their folder
+    # these only when changed: defaults keep their folder
     if s["max_length"] != DEFAULT_MAX_LENGTH:
         experiment["max_length"] = s["max_length"]
     if encoder.system_prompt != policy.DEFAULT_SYSTEM_PROMPT:  # a short hash: names become folders
         experiment["system_prompt"] = hashlib.sha1(encoder.system_prompt.encode()).hexdigest()[:10]
+    if not s["normalize"]:
+        experiment["normalize"] = False
     name, rev = model_id(encoder.name_or_path, model)
     return ModelMeta.create_empty(dict(
         name=name, revision=encoder.revision or rev,
@@ -274,6 +371,38 @@ def model_meta(encoder):
         n_parameters=sum(p.numel() for p in model.parameters()),
         max_tokens=s["max_length"], framework=["PyTorch"], use_instructions=encoder.instructions,
         open_weights=True, experiment_kwargs=experiment))
+
+
+def evaluate_model(encoder, tasks, cache, batch_size, overwrite="only-missing", say=print):
+    """{task name: main score} through mteb.evaluate, one task at a time: a line as each ends. The
+    score is the mean over the task's chosen splits and subsets (a cached file may hold more)."""
+    import mteb
+    from datasets.exceptions import DatasetNotFoundError
+
+    scores = {}
+    for task in tasks:
+        name, before, start = task.metadata.name, dict(encoder.stats), time.perf_counter()
+        try:
+            result = mteb.evaluate(encoder, task, cache=cache, overwrite_strategy=overwrite,
+                                   encode_kwargs={"batch_size": batch_size},
+                                   show_progress_bar=False)
+        except (ConnectionError, DatasetNotFoundError) as e:  # offline, or a hub hiccup
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UsageError(f"task {name}: its data set could not be downloaded ({first}); "
+                             "evaluate your own files offline with --local FILE_OR_DIR") from None
+        scores[name] = result.task_results[0].get_score(splits=list(task.eval_splits))
+        n = encoder.stats["texts"] - before["texts"]
+        if encoder.stats["calls"] == before["calls"]:
+            note = "(cached)"
+        elif not encoder.settings["rationale"]:
+            note = f"{n} texts, no rationale"
+        else:
+            tokens, empty = (encoder.stats[k] - before[k] for k in ("tokens", "empty"))
+            note = (f"{n} texts, rationale {tokens / max(n, 1):.1f} tokens, "
+                    f"{100 * empty / max(n, 1):.0f}% empty")
+        say(f"   {name:<32} {100 * scores[name]:7.2f}  {time.perf_counter() - start:7.1f}s  {note}",
+            flush=True)
+    return scores
 
 
 def summary_table(columns, types, stats=None, perplexities=None):

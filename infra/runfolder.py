@@ -564,7 +564,7 @@ Training settings (grace.json):
 RESUME_MAY_CHANGE = {"steps", "epochs", "lr", "weight_decay", "max_grad_norm", "save_every",
                      "keep_last", "eval_every", "eval_pairs", "eval_data", "log_rationales",
                      "device", "threads", "compile"}
-NOT_SETTINGS = {"resume", "force_resume", "out"}
+NOT_SETTINGS = {"resume", "force_resume", "out", "system_prompt_file"}  # (its text is saved)
 # where it runs, not what it computes: never taken from the saved run
 MACHINE = {"device", "threads", "compile"}
 
@@ -588,8 +588,10 @@ def resume(args, given, rank):
     for bad, why in skipped if rank == 0 else ():
         print(f"note: skipping {bad}: {why}", flush=True)
     saved = read_state(resume_from)
+    # a run saved before --system-prompt existed was trained with policy's default: it keeps it
+    old = dict({"system_prompt": policy.DEFAULT_SYSTEM_PROMPT}, **saved["args"])
     may_change = set(vars(args)) if args.force_resume else RESUME_MAY_CHANGE
-    merged, changed, refused = merge_settings(saved["args"], vars(args), given, may_change,
+    merged, changed, refused = merge_settings(old, vars(args), given, may_change,
                                               keep_current=NOT_SETTINGS | MACHINE)
     if refused:
         raise UsageError("--resume continues the saved run, which differs in: "
@@ -600,6 +602,28 @@ def resume(args, given, rank):
         print("note: resuming with changed settings: " + ", ".join(changed), flush=True)
     state.update({k: saved[k] for k in state}, rng=saved["rng"])
     return state, resume_from, saved
+
+
+def optimizer(model, args, saved=None):
+    """AdamW over the model's parameters; resuming (saved: the checkpoint's trainer state), with
+    its saved state, and this run's lr and weight decay."""
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    if saved is not None:
+        if args.fsdp:  # saved as a full state dict keyed by parameter name; each rank its slices
+            fsdp.load_optimizer_state(model, opt, saved["optimizer"])
+        else:
+            opt.load_state_dict(saved["optimizer"])
+        for group in opt.param_groups:  # the saved param_groups hold the old values: the flags win
+            group.update(lr=args.lr, weight_decay=args.weight_decay)
+    return opt
+
+
+def announce(args, records, world, resume_from):
+    """The one line a run starts with: what it trains, on what, how long, where."""
+    print(f"grace: {args.objective} ({args.mode}) on {records} records, model {args.model}, "
+          f"preset {args.preset}, {args.steps} steps of {args.batch_size} texts x "
+          f"G={args.group_size}, {world} process(es) on {args.device}"
+          + (f", from {resume_from}" if resume_from else ""), flush=True)
 
 
 def start(out, resumed_step, args):
@@ -675,7 +699,6 @@ def grace_files(args, step):
     mis-embedding it."""
     info = dict(base_model=args.model, preset=args.preset, step=step, objective=args.objective,
                 max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                max_prompt_tokens=args.max_prompt_tokens,
-                system_prompt=policy.DEFAULT_SYSTEM_PROMPT)
+                max_prompt_tokens=args.max_prompt_tokens, system_prompt=args.system_prompt)
     return {"grace.json": json.dumps(info, indent=1) + "\n", "README.md": model_card(info),
             **st_guard_files()}

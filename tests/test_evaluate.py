@@ -207,6 +207,7 @@ def test_cli_bad_numbers_are_refused_by_the_parser(argv, message, capsys):
     (["--explain", "hi", "--benchmark", "MTEB(eng, v1)"], "--explain prints rationales only"),
     (["--corpus", "c.txt", "--tasks", "STS12"], "--corpus is searched with --explain"),
     (["--limit", "5", "--tasks", "STS12"], "--limit cuts --local tasks only"),
+    (["--limit", "5", "--protocol", "release"], "--limit cuts --local tasks only"),
     (["--explain", "   "], "--explain: a text is empty or whitespace only"),
     (["--max-new-tokens", "many"], "invalid int value: 'many'"),
 ])
@@ -401,3 +402,174 @@ def test_the_compiled_sampler_gives_the_plain_embeddings(tiny):
     assert np.allclose(plain, fast, atol=1e-4)
     enc = evaluate.GraceEncoder("tiny", model=model, tokenizer=tok, device="cpu")
     assert enc.settings["compile"] is False
+
+
+# ----------------------------------------------------------------------------- --no-normalize
+
+def _raw_means(model, sequences, attention_mask, pool_mask):
+    """By hand, float64: each row's hidden states at its pooled positions, averaged."""
+    with torch.no_grad():
+        hidden = policy.hidden_states(model, sequences, attention_mask).double()
+    return np.stack([hidden[i, pool_mask[i].bool()].mean(0).numpy() for i in range(len(hidden))])
+
+
+def test_no_normalize_is_the_raw_masked_mean(tiny):
+    model, tokenizer = tiny
+    # the prompt alone: build_prompts' pool mask (text on, no system prompt)
+    ids, mask, start = policy.build_prompts(tokenizer, TEXTS)
+    ref = _raw_means(model, ids, mask, policy.pool_mask_from(mask, start))
+    raw = evaluate.encode_texts(model, tokenizer, TEXTS, rationale=False, normalize=False)
+    np.testing.assert_allclose(raw, ref, atol=1e-5, rtol=1e-5)
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0, atol=1e-3)
+    unit = evaluate.encode_texts(model, tokenizer, TEXTS, rationale=False)
+    np.testing.assert_allclose(unit, ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-5)
+    # with a rationale (greedy: the same rollout): text + rationale, through the encoder too
+    enc = policy.encode(model, tokenizer, TEXTS, max_new_tokens=NEW)
+    ro = enc.rollout
+    ref = _raw_means(model, ro.sequences, ro.attention_mask, enc.pool_mask)
+    encoder = evaluate.GraceEncoder("tiny", model=model, tokenizer=tokenizer, max_new_tokens=NEW,
+                                    normalize=False)
+    raw = encoder.encode(TEXTS)
+    np.testing.assert_allclose(raw, ref, atol=1e-5, rtol=1e-5)
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0, atol=1e-3)
+    assert "raw mean, not normalised (given)" in encoder.describe()
+    assert "L2-normalised mean (default)" in evaluate.GraceEncoder(
+        "tiny", model=model, tokenizer=tokenizer).describe()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], None), (["--normalize"], True), (["--no-normalize"], False)])
+def test_normalize_flag(argv, expected):
+    assert cli.evaluate_args(["--explain", "hi"] + argv).normalize is expected
+
+
+# ----------------------------------------------------------------------------- --protocol
+
+# The release's evaluation (eval.sh + eval_mteb.py), written out here from its scripts
+RELEASE_PROMPT = ("Read and analyze the following text, then you need to provide your reasoning "
+                  "within <think></think> tags. Finally, generate a comprehensive understanding "
+                  "of this text.")
+RELEASE = dict(max_new_tokens=2048, system_prompt=RELEASE_PROMPT, max_length=1024,
+               temperature=1.0, top_p=1.0, normalize=False)
+
+
+def _checkpoint(tiny, folder, **saved):
+    model, tokenizer = tiny
+    model.save_pretrained(folder), tokenizer.save_pretrained(folder)
+    (folder / "grace.json").write_text(json.dumps(dict(saved, base_model="tiny", step=20)))
+    return folder
+
+
+def test_release_protocol_settings(tiny, tmp_path):
+    model, tokenizer = tiny
+    enc = evaluate.GraceEncoder("tiny", model=model, tokenizer=tokenizer, protocol="release")
+    assert enc.embedding() == dict(RELEASE, seed=0, rationale=True)
+    assert set(enc.sources.values()) == {"release"}
+    # a flag given wins; grace's own defaults stay grace's
+    enc = evaluate.GraceEncoder("tiny", model=model, tokenizer=tokenizer, protocol="release",
+                                temperature=0.0, normalize=True, seed=3)
+    assert enc.settings["temperature"] == 0.0 and enc.settings["normalize"] is True
+    assert enc.settings["seed"] == 3 and enc.settings["max_new_tokens"] == 2048
+    enc = evaluate.GraceEncoder("tiny", model=model, tokenizer=tokenizer)
+    assert enc.embedding() == dict(max_new_tokens=256, system_prompt=policy.DEFAULT_SYSTEM_PROMPT,
+                                   max_length=1024, temperature=0.0, top_p=1.0, seed=0,
+                                   normalize=True, rationale=True)
+    # a checkpoint's grace.json fills the three it saves under grace's protocol only
+    folder = _checkpoint(tiny, tmp_path / "ckpt", max_new_tokens=5, system_prompt="Describe.",
+                         max_prompt_tokens=512)
+    grace = evaluate.GraceEncoder(str(folder), model=model, tokenizer=tokenizer)
+    assert (grace.settings["max_new_tokens"], grace.system_prompt,
+            grace.settings["max_length"]) == (5, "Describe.", 512)
+    release = evaluate.GraceEncoder(str(folder), model=model, tokenizer=tokenizer,
+                                    protocol="release")
+    assert (release.settings["max_new_tokens"], release.system_prompt,
+            release.settings["max_length"]) == (2048, RELEASE_PROMPT, 1024)
+
+
+@pytest.mark.parametrize("argv, benchmark", [
+    (["--protocol", "release"], "GRACE-release"),
+    (["--protocol", "release", "--tasks", "STS12"], None),
+    (["--protocol", "release", "--local", "x.jsonl"], None),
+    (["--protocol", "release", "--benchmark", "MTEB(eng, v1)"], "MTEB(eng, v1)"),
+    (["--protocol", "release", "--explain", "hi"], None),
+    ([], None),
+])
+def test_release_protocol_runs_the_release_tasks_when_none_are_named(argv, benchmark):
+    args = cli.evaluate_args(argv)
+    assert args.benchmark == benchmark
+    # the flags it sets stay unset in the parser: the encoder fills them from the protocol
+    assert (args.temperature, args.top_p, args.normalize, args.max_new_tokens) == (None,) * 4
+
+
+def test_cli_release_protocol_says_what_it_embeds_with(capsys):
+    assert evaluate.main(["--protocol", "release", "--explain", "A cat.",
+                          "--max-new-tokens", "2", "--max-length", "200"]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert "rationale <= 2 tokens (given), temperature 1.0, top-p 1.0, seed 0 (release)" in line
+    assert "prompt <= 200 tokens (given)" in line and "raw mean, not normalised (release)" in line
+    assert f"system prompt (release): {RELEASE_PROMPT[:57] + '...'!r}" in line
+
+
+def test_cli_release_protocol_says_which_task_runs_another_split(capsys):
+    """One line per task that has no split "test", before the models load (offline here: the
+    task's data set is then refused, in one line)."""
+    rc = evaluate.main(["--protocol", "release", "--tasks", "MSMARCO,STS12", "--out", "",
+                        "--max-new-tokens", "2"])
+    captured = capsys.readouterr()
+    assert rc == 2 and "could not be downloaded" in captured.err.strip().splitlines()[-1]
+    lines = captured.out.splitlines()
+    assert lines[0] == ("MSMARCO: the release asked for split 'test', which mteb 2.26.24 does not "
+                        "define for this task; grace runs its 'dev' split instead")
+    assert lines[1].startswith("embedding settings, all models: rationale <= 2 tokens (given), "
+                               "temperature 1.0")
+    assert sum("split" in line for line in lines) == 1
+
+
+def test_cli_protocol_refuses_an_unknown_one(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.evaluate_args(["--protocol", "paper"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "invalid choice: 'paper'" in err
+
+
+# ----------------------------------------------------------------------------- --baseline
+
+def test_baseline_gets_the_first_models_settings(tiny, tmp_path):
+    """embedding() of the first encoder makes the second embed as it does."""
+    model, tokenizer = tiny
+    folder = _checkpoint(tiny, tmp_path / "ckpt", max_new_tokens=5, system_prompt="Describe.",
+                         max_prompt_tokens=512)
+    first = evaluate.GraceEncoder(str(folder), model=model, tokenizer=tokenizer, top_p=0.9)
+    second = evaluate.GraceEncoder("tiny", model=model, tokenizer=tokenizer, **first.embedding())
+    assert second.embedding() == first.embedding()
+    assert (second.settings["max_new_tokens"], second.system_prompt, second.settings["top_p"],
+            second.settings["max_length"]) == (5, "Describe.", 0.9, 512)
+
+
+@pytest.mark.slow  # two models, an mteb task each
+def test_cli_baseline_embeds_with_the_first_models_settings(tiny, sts_file, tmp_path, capsys,
+                                                            monkeypatch):
+    made = []
+
+    class Recorded(evaluate.GraceEncoder):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(evaluate, "GraceEncoder", Recorded)
+    folder = _checkpoint(tiny, tmp_path / "ckpt", max_new_tokens=5)
+    common = ["--local", str(sts_file), "--limit", "4", "--out", ""]
+    assert evaluate.main(["--model", str(folder), "--baseline", "tiny"] + common) == 0
+    out = capsys.readouterr().out
+    assert [e.settings["max_new_tokens"] for e in made] == [5, 5]
+    assert made[0].embedding() == made[1].embedding()
+    assert out.count("embedding settings, all models: rationale <= 5 tokens (grace.json)") == 1
+    assert out.count("rationale <=") == 1
+    assert [line for line in out.splitlines() if line.startswith("== ")] == \
+        [f"== {folder.parent.name}/{folder.name}", "== grace/tiny"]
+    assert max(e.stats["tokens"] / e.stats["texts"] for e in made) <= 5
+    made.clear()  # the other way round: tiny's defaults, the checkpoint's grace.json unread
+    assert evaluate.main(["--model", "tiny", "--baseline", str(folder)] + common) == 0
+    assert [e.settings["max_new_tokens"] for e in made] == [256, 256]
+    assert "embedding settings, all models: rationale <= 256 tokens (default)" in \
+        capsys.readouterr().out

@@ -263,3 +263,34 @@ def test_bad_shapes_raise_clear_errors():
         reward.grace_rewards(q, m, n, 4, temperature=0.0)
     with pytest.raises(TypeError):  # a misspelt option is not swallowed
         reward.infonce_rewards(q, m, n, 4, temprature=0.1)
+
+
+def test_with_a_truncated_row_the_group_constant_terms_reach_the_advantage():
+    """The -1 of a truncated row replaces its whole reward, so the group constants (s_neg, s_x) sit
+    on the finished rows only: flipping every negative changes the advantages of a group holding a
+    truncated row, and of a fully finished batch it changes none. Float64 reference: the loops
+    above, the -1, and A = r - group mean by hand."""
+    import train
+
+    q, m, n = layout(3, 4, seed=7)
+    flipped = -n  # cos(q, -n) = -cos(q, n): s_neg changes sign
+    for truncated in (torch.zeros(12, dtype=torch.bool),
+                      torch.tensor([False, True, False, False] + [False] * 8)):
+        adv = {}
+        for name, neg in (("n", n), ("-n", flipped)):
+            r, _ = reward.grace_rewards(q.float(), m.float(), neg.float(), 4, truncated=truncated)
+            got = train.group_advantages(r, 4)
+            total = loop_supervised(q, m, neg, 4, 0.1, True, 0.2, 0.2)["total"]
+            total = torch.where(truncated, -1.0, total).reshape(3, 4)
+            want = (total - total.mean(1, keepdim=True)).reshape(-1)  # by hand, float64
+            assert torch.allclose(got.double(), want, atol=1e-4), (name, truncated)
+            adv[name] = want
+        moved = (adv["n"] - adv["-n"]).abs().reshape(3, 4).amax(1)
+        if truncated.any():  # group 0 moves (by 3/4 and 1/4 of 2 cos(q, n) / tau), the rest not
+            shift = 2 * cos(q[0], n[0]) / 0.1
+            assert torch.allclose(adv["-n"][:4] - adv["n"][:4],
+                                  torch.tensor([0.25, -0.75, 0.25, 0.25], dtype=torch.float64)
+                                  * shift, atol=1e-9)
+            assert moved[0] > 0.1 and moved[1:].max() < 1e-9
+        else:
+            assert moved.max() < 1e-9

@@ -4,6 +4,7 @@ The parser itself (infra/cli.py) is tested in tests/infra/test_cli.py, the logge
 (infra/diagnostics.py) in tests/infra/test_diagnostics.py.
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -115,6 +116,51 @@ def test_dual_clip_caps_negative_advantage_loss():
     assert logp.grad.item() == 0
 
 
+def test_an_exploded_ratio_and_kl_are_clamped_as_verl_does():
+    """verl's guards: the log-ratio logp - old in [-20, 20] before exp; low_var_kl: d = ref - logp
+    in [-20, 20], then k3 in [-10, 10]. Exploded (60, and 100 where exp overflows float32): a
+    finite loss and gradient, and the values of the clamped formula, written out by hand."""
+    for big in (60.0, 100.0):
+        for A, dual in ((1.0, 3.0), (-1.0, None)):
+            logp = torch.tensor([[-1.0]], requires_grad=True)
+            old, ref = logp.detach() - big, logp.detach() + big  # logp - old = ref - logp = big
+            loss, stats = train.policy_loss(logp, old, ref, torch.tensor([A]), torch.ones(1, 1),
+                                            clip_eps=0.2, kl_coef=0.5, dual_clip=dual)
+            loss.backward()
+            assert torch.isfinite(loss) and torch.isfinite(logp.grad).all(), (big, A)
+            rho = math.exp(20)  # the clamped ratio
+            pg = -1.2 * A if A > 0 else rho * -A  # A > 0: the clip at 1 + eps; A < 0, no dual clip
+            assert loss.item() == pytest.approx(pg + 0.5 * 10.0, rel=1e-6)  # k3 capped at 10
+            assert logp.grad.item() == 0  # every clamp saturated: no gradient
+            assert stats["ratio"] == pytest.approx(rho, rel=1e-6)
+
+
+def test_values_inside_the_clamps_are_the_unclamped_formula():
+    """Near the edges, inside: log-ratio 19.5 and -19.5, d = ref - logp where k3 is just below 10
+    (2.5: e^2.5 - 3.5 = 8.68; -9: e^-9 + 8 = 8.0001) and small: value and gradient are those of
+    the plain formulas (float64, by hand)."""
+    log_ratio = torch.tensor([[19.5, -19.5, 0.3, -0.2]], dtype=torch.float64)
+    d = torch.tensor([[2.5, -9.0, 0.1, -0.4]], dtype=torch.float64)
+    logp = torch.tensor([[-1.0, -2.0, -0.5, -3.0]], dtype=torch.float64, requires_grad=True)
+    old, ref = logp.detach() - log_ratio, logp.detach() + d
+    for A in (1.0, -1.0):
+        x = logp.detach().clone().requires_grad_(True)
+        loss, _ = train.policy_loss(x, old, ref, torch.tensor([A], dtype=torch.float64),
+                                    torch.ones(1, 4), clip_eps=0.2, kl_coef=0.1, dual_clip=None)
+        (got,) = torch.autograd.grad(loss, x)
+        y = logp.detach().clone().requires_grad_(True)
+        rho = torch.exp(y - old)  # no clamp
+        k = ref - y
+        per = torch.maximum(-rho * A, -rho.clamp(0.8, 1.2) * A) + 0.1 * (torch.exp(k) - k - 1)
+        want = per.mean()
+        (expected,) = torch.autograd.grad(want, y)
+        assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+        assert torch.allclose(got, expected, rtol=1e-6)
+    k3 = train.kl_estimate(logp.detach(), ref, "k3")
+    assert torch.allclose(k3, torch.exp(d) - d - 1, rtol=1e-12)  # none reaches the cap of 10
+    assert (k3 < 10).all() and k3[0, 0].item() == pytest.approx(math.exp(2.5) - 3.5)
+
+
 def test_constant_aggregation_uses_the_fixed_normaliser_not_the_padded_width():
     logp = torch.zeros(2, 3, requires_grad=True)
     loss, _ = train.policy_loss(logp, torch.zeros(2, 3), None, torch.tensor([1.0, 1.0]),
@@ -196,16 +242,76 @@ def test_unsupervised_mode_and_infonce_reward_run(tmp_path):
     assert "reward/logsumexp" in json.loads((tmp_path / "i" / "metrics.jsonl").read_text())
 
 
+def torchrun(script, *args, env=None):
+    """`torchrun --nproc_per_node=2 script args` on gloo (CPU), from the repo root."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",  # a free port
+           "--nproc_per_node=2", str(script), *args]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
+               **(env or {}))
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+
+
+def adam_steps(checkpoint):
+    """AdamW's per-parameter step counts of a checkpoint (the optimizer steps taken)."""
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)["optimizer"]["state"]
+    return {int(s["step"]) for s in state.values()}
+
+
 @pytest.mark.slow
 def test_two_process_torchrun_gloo(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",  # a free port
-           "--nproc_per_node=2", str(ROOT / "train.py"), *FAST, "--steps", "2",
-           "--out", str(tmp_path / "ddp")]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    """--batch-size and --mini-batch-size are global: 2 processes take the optimizer steps of 1
+    (batch 4 / mini 2 = 2 per rollout batch: each rank's 2 texts in mini-batches of 1)."""
+    res = torchrun(ROOT / "train.py", *FAST, "--steps", "2", "--out", str(tmp_path / "ddp"))
     assert res.returncode == 0, res.stderr[-2000:]
     assert (tmp_path / "ddp" / "step-2" / "model.safetensors").exists()
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 2
+    train.main([*FAST, "--steps", "2", "--out", str(tmp_path / "one")])
+    assert adam_steps(tmp_path / "one" / "step-2") == {4}  # 2 rollout batches x 4 / 2
+    assert adam_steps(tmp_path / "ddp" / "step-2") == {4}  # per rank (and per-rank mini 2 x 2)
+    assert all(r["skipped"] == 0 for r in metrics(tmp_path / "ddp"))
+
+
+SPY = """import json, os, sys
+import policy, train
+seen, real = [], policy.encode
+def encode(*a, **k):  # on-policy: the main rollouts' old log-probs are not computed
+    seen.append(k.get("logprob_temperature"))
+    return real(*a, **k)
+policy.encode = encode
+try:
+    train.main(sys.argv[1:])
+finally:
+    with open(os.environ["SPY"] + "." + os.environ.get("RANK", "0"), "w") as f:
+        json.dump(seen, f)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_where_the_math_allows(tmp_path, monkeypatch):
+    """Where sampling cannot differ, 2 ranks give the weights of 1 process. Deterministic rollouts
+    (--top-k 1: each rank's own seed no longer matters) make a group's rows identical, so every
+    advantage is 0 and the gradient is the KL term's (k1: not 0 at the first step); sequence-mean
+    is a sum over rows / rows, which averaging the ranks' gradients keeps. One mini-batch per
+    rollout batch: the on-policy shortcut, judged on each rank's share (mini / N texts). (Sampled
+    rollouts cannot match: each rank draws its own groups with its own seed, its cross-group
+    terms see its own groups, and the token-mean is per rank.)"""
+    flags = [*FAST, "--mini-batch-size", "4", "--top-k", "1", "--kl-type", "k1",
+             "--aggregation", "sequence", "--steps", "2"]
+    (tmp_path / "spy.py").write_text(SPY)
+    res = torchrun(tmp_path / "spy.py", *flags, "--out", str(tmp_path / "ddp"),
+                   env={"SPY": str(tmp_path / "seen")})
+    assert res.returncode == 0, res.stderr[-2000:]
+    for rank in (0, 1):  # main and side encodes, both steps, none scoring old log-probs
+        seen = json.loads((tmp_path / f"seen.{rank}").read_text())
+        assert len(seen) == 4 and seen == [None] * 4, seen
+    train.main([*flags, "--out", str(tmp_path / "one")])
+    assert adam_steps(tmp_path / "one" / "step-2") == adam_steps(tmp_path / "ddp" / "step-2") \
+        == {2}
+    one, ddp = weights(tmp_path / "one" / "step-2"), weights(tmp_path / "ddp" / "step-2")
+    initial = policy.load("tiny")[0].state_dict()
+    assert max((one[k] - initial[k]).abs().max().item() for k in one) > 1e-4  # it moved
+    assert all(torch.allclose(one[k], ddp[k], atol=1e-6) for k in one)
+    assert all(r["adv_abs"] == 0 for r in metrics(tmp_path / "ddp"))
 
 
 GOOD = '{"query": "q", "positive": "p", "negative": "n"}\n'
@@ -376,6 +482,105 @@ def test_rollouts_run_under_the_training_autocast(tmp_path, monkeypatch):
     train.main([*FAST, "--steps", "1", "--out", str(tmp_path / "o")])
     # main and side rollouts, each inside one
     assert len(seen) == 2 and all(s == ["cpu"] for s in seen)
+
+
+# ----------------------------------------------------------------------------- the system prompt
+
+# The release's prompt, quoted from GasolSun36/GRACE (rl_dataset.py PROMPT2, eval_mteb.py PROMPT).
+RELEASE_TEXT = ("Read and analyze the following text, then you need to provide your reasoning "
+                "within <think></think> tags. Finally, generate a comprehensive understanding of "
+                "this text.")
+
+
+def watch_prompts(monkeypatch):
+    """-> (the system_prompt of every policy.build_prompts call, the prompt ids of every
+    rollout.sample call), filled as training runs."""
+    import rollout
+
+    prompts, sampled = [], []
+    real_build, real_sample = policy.build_prompts, rollout.sample
+
+    def build(tokenizer, texts, system_prompt=policy.DEFAULT_SYSTEM_PROMPT, *a, **k):
+        prompts.append(system_prompt)
+        return real_build(tokenizer, texts, system_prompt, *a, **k)
+
+    monkeypatch.setattr(policy, "build_prompts", build)
+    monkeypatch.setattr(rollout, "sample", lambda model, ids, mask, *a, **k:
+                        sampled.append(ids[mask.bool()]) or real_sample(model, ids, mask, *a, **k))
+    return prompts, sampled
+
+
+def sts_file(path, pairs=4):
+    path.write_text("".join(json.dumps({"sentence1": f"A cat {i}.", "sentence2": f"A dog {i}.",
+                                        "score": i}) + "\n" for i in range(pairs)))
+    return path
+
+
+def test_the_release_preset_trains_with_the_release_prompt_everywhere(tmp_path, monkeypatch):
+    """Main and side rollouts, the STS check and load_models' template check all get the prompt;
+    the prompts built contain it; grace.json (what evaluate.py embeds with) and config.json too."""
+    prompts, sampled = watch_prompts(monkeypatch)
+    out = tmp_path / "o"
+    train.main([*FAST, "--preset", "release", "--steps", "1", "--out", str(out), "--eval-every",
+                "1", "--eval-data", str(sts_file(tmp_path / "sts.jsonl"))])
+    assert len(prompts) >= 4 and set(prompts) == {RELEASE_TEXT}  # check, main, side, STS
+    tok = policy.load("tiny")[1]
+    assert len(sampled) >= 3  # main, side, STS
+    assert all(RELEASE_TEXT in tok.decode(ids) for ids in sampled)
+    for folder in ("step-1", "final"):
+        assert json.loads((out / folder / "grace.json").read_text())["system_prompt"] == \
+            RELEASE_TEXT
+    assert json.loads((out / "config.json").read_text())["system_prompt"] == RELEASE_TEXT
+
+
+def test_a_system_prompt_file_trains_and_is_saved(tmp_path, monkeypatch):
+    (tmp_path / "p.txt").write_text("Explain the text in one line.\n", encoding="utf-8")
+    prompts, _ = watch_prompts(monkeypatch)
+    train.main([*FAST, "--steps", "1", "--system-prompt-file", str(tmp_path / "p.txt"),
+                "--out", str(tmp_path / "o")])
+    assert set(prompts) == {"Explain the text in one line."}
+    info = json.loads((tmp_path / "o" / "final" / "grace.json").read_text())
+    assert info["system_prompt"] == "Explain the text in one line."
+    assert "system_prompt_file" not in json.loads((tmp_path / "o" / "config.json").read_text())
+
+
+@pytest.mark.parametrize("content", [None, "\n"])
+def test_a_missing_or_empty_system_prompt_file_stops_before_anything_is_written(
+        tmp_path, capsys, content):
+    path = tmp_path / "p.txt"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as e:
+        train.main([*FAST, "--system-prompt-file", str(path), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and str(path) in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_old_checkpoint_without_a_saved_prompt_resumes_with_policys_default(
+        tmp_path, monkeypatch, capsys):
+    """A run saved before --system-prompt existed was trained with policy.DEFAULT_SYSTEM_PROMPT:
+    it resumes with it, even under a preset whose default is another; changing it is refused
+    unless --force-resume."""
+    out = tmp_path / "run"
+    train.main([*FAST, "--preset", "release", "--steps", "1", "--out", str(out)])
+    state_file = out / "step-1" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=False)
+    del state["args"]["system_prompt"]  # as saved before the flag existed
+    torch.save(state, state_file)
+    prompts, _ = watch_prompts(monkeypatch)
+    train.main(["--resume", "--preset", "release", "--steps", "2", "--out", str(out)])
+    assert set(prompts) == {policy.DEFAULT_SYSTEM_PROMPT}
+    info = json.loads((out / "step-2" / "grace.json").read_text())
+    assert info["system_prompt"] == policy.DEFAULT_SYSTEM_PROMPT and info["preset"] == "release"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", "--steps", "3", "--system-prompt", "Other.", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--system-prompt" in err and "--force-resume" in err, err
+    train.main(["--resume", "--steps", "3", "--system-prompt", "Other.", "--force-resume",
+                "--out", str(out)])
+    assert json.loads((out / "step-3" / "grace.json").read_text())["system_prompt"] == "Other."
 
 
 # ----------------------------------------------------------------------------- one place per knob

@@ -74,3 +74,93 @@ def test_cuda_on_a_cpu_machine_is_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         cli.train_args(["--device", "cuda"])
     assert e.value.code == 2 and "no CUDA GPU" in one_error_line(capsys)
+
+
+# ----------------------------------------------------------------------------- the system prompt
+
+# The release's prompt, quoted from GasolSun36/GRACE (rl_dataset.py PROMPT2, eval_mteb.py PROMPT).
+RELEASE_TEXT = ("Read and analyze the following text, then you need to provide your reasoning "
+                "within <think></think> tags. Finally, generate a comprehensive understanding of "
+                "this text.")
+
+
+def test_the_release_preset_uses_the_release_prompt_and_the_others_policys_default():
+    import policy
+
+    assert cli.RELEASE_SYSTEM_PROMPT == RELEASE_TEXT
+    for argv, want in ((["--preset", "release"], RELEASE_TEXT),
+                       (["--model", "Qwen/Qwen2.5-1.5B-Instruct"], RELEASE_TEXT),  # release
+                       ([], policy.DEFAULT_SYSTEM_PROMPT),  # tiny
+                       (["--model", "tiny-lm"], policy.DEFAULT_SYSTEM_PROMPT),
+                       (["--preset", "release", "--system-prompt", "Summarise."], "Summarise.")):
+        args, given = cli.train_args(argv)
+        assert args.system_prompt == want, argv
+        assert ("system_prompt" in given) == ("--system-prompt" in argv)
+
+
+def test_system_prompt_file_is_read_and_counts_as_given(tmp_path):
+    path = tmp_path / "prompt.txt"
+    path.write_text("Describe the text.\nThen its topic.\n", encoding="utf-8")
+    args, given = cli.train_args(["--preset", "release", "--system-prompt-file", str(path)])
+    assert args.system_prompt == "Describe the text.\nThen its topic."  # final line break dropped
+    assert "system_prompt" in given  # so --resume compares it like any other setting
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: None, "prompt.txt: no such file"),
+    (lambda p: p.write_text(" \n\n"), "prompt.txt is empty"),
+    (lambda p: p.write_bytes(b"\xff\xfe\xfa"), "prompt.txt: unreadable"),
+    (lambda p: p.mkdir(), "prompt.txt: unreadable"),
+])
+def test_a_bad_system_prompt_file_is_one_line_naming_it(tmp_path, capsys, make, message):
+    path = tmp_path / "prompt.txt"
+    make(path)
+    with pytest.raises(SystemExit) as e:
+        cli.train_args(["--system-prompt-file", str(path)])
+    err = one_error_line(capsys)
+    assert e.value.code == 2 and message in err and str(path) in err, err
+
+
+def test_system_prompt_and_its_file_exclude_each_other_and_an_empty_one_is_refused(
+        tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        cli.train_args(["--system-prompt", "a", "--system-prompt-file", str(tmp_path / "p.txt")])
+    assert e.value.code == 2 and "not allowed with argument" in one_error_line(capsys)
+    with pytest.raises(SystemExit) as e:
+        cli.train_args(["--system-prompt", "  "])
+    assert e.value.code == 2 and "--system-prompt is empty" in one_error_line(capsys)
+
+
+# ----------------------------------------------------------------------------- global batch sizes
+
+@pytest.mark.parametrize("argv,world,records,message", [
+    ([], 3, 1000, "--batch-size 64 (preset release) does not split over 3 processes"),
+    (["--mini-batch-size", "6"], 4, 1000, "--mini-batch-size 6 does not split over 4 processes"),
+    (["--mini-batch-size", "24"], 1, 1000,
+     "--batch-size 64 (preset release) is not a whole number of mini-batches of "
+     "--mini-batch-size 24"),
+    (["--batch-size", "48", "--mini-batch-size", "32"], 2, 1000,
+     "--batch-size 48 is not a whole number of mini-batches of --mini-batch-size 32"),
+    ([], 1, 10, "--batch-size 64 (preset release) is more than the 10 records"),
+])
+def test_batch_sizes_that_do_not_split_are_refused_naming_the_numbers(argv, world, records,
+                                                                      message):
+    args, given = cli.train_args(["--model", "Qwen/Qwen2.5-1.5B-Instruct", *argv])
+    with pytest.raises(cli.UsageError) as e:
+        cli.check_run(args, given, world, records)
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_batch_sizes_are_global_and_the_micro_batch_is_a_ranks_share_by_default():
+    # the release on 4 ranks: 64 / 4 = 16 texts each, mini-batches of 16 / 4 = 4 per rank
+    args, given = cli.train_args(["--model", "Qwen/Qwen2.5-1.5B-Instruct"])
+    cli.check_run(args, given, 4, 1000)
+    assert (args.batch_size, args.mini_batch_size, args.micro_batch_size) == (64, 16, 4)
+    args, given = cli.train_args(["--model", "Qwen/Qwen2.5-1.5B-Instruct",
+                                  "--micro-batch-size", "1"])
+    cli.check_run(args, given, 4, 1000)
+    assert args.micro_batch_size == 1  # given: per rank, as given
+    args, given = cli.train_args([])  # tiny, one process: a whole mini-batch
+    cli.check_run(args, given, 1, 40)
+    assert args.micro_batch_size == args.mini_batch_size == 4

@@ -256,3 +256,125 @@ def test_model_meta_files_settings_apart(encoder):
                                   system_prompt="Describe.", max_length=256, max_new_tokens=NEW)
     kwargs = other.mteb_model_meta.experiment_kwargs
     assert kwargs["max_length"] == 256 and len(kwargs["system_prompt"]) == 10
+
+
+# --------------------------------------------------------------------- the release's task list
+
+# eval.sh's ALL_TASKS, copied from the release by type (the STS group first, as it runs them)
+RELEASE = {
+    "STS": "BIOSSES SICK-R STS12 STS13 STS14 STS15 STS16 STS17 STSBenchmark STS22",
+    "Summarization": "SummEval",
+    "Retrieval": "ArguAna CQADupstackRetrieval FiQA2018 NFCorpus SCIDOCS SciFact ClimateFEVER "
+                 "DBPedia NQ FEVER HotpotQA MSMARCO QuoraRetrieval TRECCOVID Touche2020",
+    "Reranking": "AskUbuntuDupQuestions MindSmallReranking SciDocsRR StackOverflowDupQuestions",
+    "Clustering": "ArxivClusteringP2P ArxivClusteringS2S BiorxivClusteringP2P BiorxivClusteringS2S "
+                  "MedrxivClusteringP2P MedrxivClusteringS2S RedditClustering RedditClusteringP2P "
+                  "StackExchangeClustering TwentyNewsgroupsClustering",
+    "PairClassification": "SprintDuplicateQuestions TwitterSemEval2015 TwitterURLCorpus",
+    "Classification": "AmazonCounterfactualClassification AmazonPolarityClassification "
+                      "AmazonReviewsClassification Banking77Classification EmotionClassification "
+                      "ImdbClassification ToxicConversationsClassification "
+                      "MTOPDomainClassification MassiveIntentClassification "
+                      "MassiveScenarioClassification MTOPIntentClassification "
+                      "TweetSentimentClassification",
+}
+# mteb 2.26's language subsets of the release's multilingual tasks (every one of them runs)
+SUBSETS = {"STS17": 11, "STS22": 18, "AmazonCounterfactualClassification": 4,
+           "AmazonReviewsClassification": 6, "MTOPDomainClassification": 6,
+           "MTOPIntentClassification": 6, "MassiveIntentClassification": 51,
+           "MassiveScenarioClassification": 51, "TweetSentimentClassification": 8}
+MSMARCO_LINE = ("MSMARCO: the release asked for split 'test', which mteb 2.26.24 does not define "
+                "for this task; grace runs its 'dev' split instead")
+
+
+def _args(**kw):
+    return argparse.Namespace(**dict(dict(tasks=None, benchmark=None, local=None, limit=None,
+                                          protocol="grace"), **kw))
+
+
+def test_release_tasks_are_the_releases_55():
+    assert {k: v.split() for k, v in RELEASE.items()} == mteb_tasks.RELEASE_TASKS
+    names = [n for group in mteb_tasks.RELEASE_TASKS.values() for n in group]
+    assert len(names) == len(set(names)) == 55
+
+
+def test_release_benchmark_resolves_offline_to_split_test_and_every_subset():
+    """All 55 names are in mteb 2.26's registry (metadata only: nothing is downloaded), as typed
+    in the release; each runs split "test" (MSMARCO, which has none, its "dev": one line says so)
+    and every language subset, not only English."""
+    import mteb
+
+    assert mteb.__version__.startswith("2.26")
+    lines = []
+    tasks = mteb_tasks.resolve_tasks(_args(benchmark="GRACE-release"), say=lines.append)
+    assert [t.metadata.name for t in tasks] == [n for v in RELEASE.values() for n in v.split()]
+    types = {n: k for k, v in RELEASE.items() for n in v.split()}
+    assert all(t.metadata.type == types[t.metadata.name] for t in tasks)
+    assert lines == [MSMARCO_LINE]
+    splits = {t.metadata.name: list(t.eval_splits) for t in tasks}
+    assert splits.pop("MSMARCO") == ["dev"] and set(map(tuple, splits.values())) == {("test",)}
+    for task in tasks:
+        assert list(task.hf_subsets) == list(task.metadata.hf_subsets)  # nothing filtered out
+        assert len(task.hf_subsets) == SUBSETS.get(task.metadata.name, 1), task.metadata.name
+    by_name = {t.metadata.name: t for t in tasks}
+    assert {"de-en", "zh-en"} <= set(by_name["STS22"].hf_subsets)
+    assert {"ja", "sw"} <= set(by_name["MassiveIntentClassification"].hf_subsets)
+    # these had a validation split too; the release scores test alone
+    assert by_name["MTOPDomainClassification"].metadata.eval_splits == ["validation", "test"]
+    # CQADupstackRetrieval: one task of mteb's, the mean of its 12 StackExchange forums
+    cqa = by_name["CQADupstackRetrieval"]
+    assert cqa.is_aggregate and len(cqa.metadata.tasks) == 12
+    assert all(t.metadata.name.startswith("CQADupstack") and list(t.eval_splits) == ["test"]
+               for t in cqa.metadata.tasks)
+
+
+def test_release_protocol_runs_named_hub_tasks_on_split_test():
+    names = "MSMARCO,MTOPDomainClassification"
+    lines = []
+    tasks = mteb_tasks.resolve_tasks(_args(tasks=names, protocol="release"), say=lines.append)
+    assert [list(t.eval_splits) for t in tasks] == [["dev"], ["test"]] and lines == [MSMARCO_LINE]
+    lines.clear()  # grace's protocol: mteb's own splits, nothing to say
+    tasks = mteb_tasks.resolve_tasks(_args(tasks=names), say=lines.append)
+    assert [list(t.eval_splits) for t in tasks] == [["dev"], ["validation", "test"]]
+    assert lines == []
+
+
+@pytest.mark.slow  # every mteb benchmark is built
+def test_release_protocol_leaves_mtebs_benchmark_objects_alone():
+    import mteb
+
+    tasks = mteb_tasks.resolve_tasks(_args(benchmark="MTEB(eng, v1)", protocol="release"),
+                                     say=lambda *a, **k: None)
+    assert all(list(t.eval_splits) == ["test"] for t in tasks if t.metadata.name != "MSMARCO")
+    original = {t.metadata.name: list(t.eval_splits)
+                for t in mteb.get_benchmark("MTEB(eng, v1)").tasks}
+    assert original["AmazonCounterfactualClassification"] == ["test"]  # (eng: test only)
+    assert original["MSMARCO"] == ["dev"]
+    with pytest.raises(UsageError, match="close matches: GRACE-release"):
+        mteb_tasks.resolve_tasks(_args(benchmark="GRACE-relase"))
+
+
+def test_model_meta_files_raw_means_apart_only_when_asked(encoder):
+    raw = evaluate.GraceEncoder("tiny", model=encoder.model, tokenizer=encoder.tokenizer,
+                                max_new_tokens=NEW, normalize=False)
+    assert raw.mteb_model_meta.experiment_kwargs["normalize"] is False
+    assert raw.mteb_model_meta.experiment_name != encoder.mteb_model_meta.experiment_name
+    unit = evaluate.GraceEncoder("tiny", model=encoder.model, tokenizer=encoder.tokenizer,
+                                 max_new_tokens=NEW, normalize=True)
+    assert "normalize" not in unit.mteb_model_meta.experiment_kwargs  # the default keeps its folder
+    assert unit.mteb_model_meta.experiment_name == encoder.mteb_model_meta.experiment_name
+
+
+def test_embedding_settings_by_protocol(tmp_path):
+    (tmp_path / "grace.json").write_text('{"max_new_tokens": 5, "max_prompt_tokens": 512}')
+    settings, sources = mteb_tasks.embedding_settings(tmp_path, "grace", top_p=0.5)
+    assert (settings["max_new_tokens"], settings["max_length"], settings["top_p"]) == (5, 512, 0.5)
+    assert (sources["max_new_tokens"], sources["max_length"], sources["top_p"],
+            sources["temperature"]) == ("grace.json", "grace.json", "given", "default")
+    settings, sources = mteb_tasks.embedding_settings(tmp_path, "release")
+    assert (settings["max_new_tokens"], settings["max_length"]) == (2048, 1024)
+    assert set(sources.values()) == {"release"}
+    (tmp_path / "grace.json").write_text("{cut")  # never read under the release's protocol
+    assert mteb_tasks.embedding_settings(tmp_path, "release")[0]["normalize"] is False
+    with pytest.raises(UsageError, match="unknown protocol 'paper'"):
+        mteb_tasks.embedding_settings(tmp_path, "paper")
