@@ -6,21 +6,20 @@ hidden states over text + rationale. --no-rationale pools the prompt alone: the 
 --protocol release embeds as the authors' evaluation did (sampled, 2048 tokens, the raw mean) and
 runs their 55 tasks; docs/evaluation.md compares the two.
 
-    from evaluate import GraceEncoder
+    from evaluate import GraceEncoder   # in a clone; after `pip install .`: from grace import ...
     emb = GraceEncoder("out/final").encode(["a text", "another"])   # (2, H) float32, unit vectors
 
-    python evaluate.py --model out/final --baseline Qwen/Qwen2.5-1.5B-Instruct --tasks STSBenchmark
+    python evaluate.py --model out/final --baseline Qwen/Qwen2.5-1.5B-Instruct --tasks SciFact
     python evaluate.py --model out/final --local path/to/sts/dev.jsonl --limit 100   # a smoke run
     python evaluate.py --model out/final --explain "A man plays a guitar." --corpus sentences.txt
 
 A checkpoint's grace.json (written by train.py) sets the default rationale length and system prompt.
-Every model of a run (--baseline) embeds with the first model's resolved settings.
-Results are mteb's JSONs under --out: MODEL/REVISION/experiments/SETTINGS/TASK.json, reused by a
-rerun ("(cached)") unless --recompute. Flags: infra/cli.py; mteb plumbing: infra/mteb_tasks.py.
+Every model of a run (--baseline) embeds with the first model's resolved settings. Results are
+mteb's, in its layout under --out (results/MODEL/REVISION/experiments/SETTINGS/TASK.json), reused
+by a rerun ("(cached)") unless --recompute. Flags: infra/cli.py; plumbing: infra/mteb_tasks.py.
 """
 import functools
 import gc
-import math
 import os
 import sys
 
@@ -29,7 +28,7 @@ import torch
 
 import policy
 import rollout
-from infra import cli, data, diagnostics, dist, fast_decode, mteb_tasks
+from infra import cli, console, data, diagnostics, dist, encoder_inputs, fast_decode, mteb_tasks
 from infra.cli import UsageError
 from infra.mteb_tasks import DEFAULT_MAX_LENGTH, DEFAULT_MAX_NEW_TOKENS
 
@@ -46,11 +45,12 @@ def encode_texts(model, tokenizer, texts, *, batch_size=16, max_new_tokens=DEFAU
     sort=True batches texts of similar token length (longest first: an out-of-memory shows at once),
     so padding stays small. Greedy decoding makes a text's embedding independent of its batch;
     sampling draws from one generator seeded with `seed`. normalize=False: the raw mean (the
-    release's evaluation). progress: a tqdm bar (None: terminal).
-    stats: a dict to add counts to (texts, rationale tokens, empty rationales, prompts cut)."""
-
-    from tqdm.auto import tqdm
-
+    release's evaluation). progress: a tqdm bar (None: terminal). The rationale is bounded by the
+    model's positions (encoder_inputs.rationale_cap). stats: a dict to add counts to (texts,
+    rationale tokens, empty rationales, prompts cut). A bad number: one ValueError line."""
+    encoder_inputs.check_numbers(locals())  # the arguments, before anything runs
+    max_new_tokens = encoder_inputs.rationale_cap(model.config, max_length,
+                                                  max_new_tokens)[0] if rationale else 0
     texts = [str(t) for t in texts]
     out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
     rationales = [""] * len(texts)
@@ -60,13 +60,13 @@ def encode_texts(model, tokenizer, texts, *, batch_size=16, max_new_tokens=DEFAU
         order.sort(key=lambda i: -lengths[i])
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     stats = {} if stats is None else stats
-    bar = tqdm(total=len(texts), unit="text", desc=desc, leave=False, dynamic_ncols=True,
-               disable=None if progress is None else not progress)
+    bar = console.progress_bar(total=len(texts), unit="text", desc=desc, leave=False,
+                               disable=None if progress is None else not progress)
     for s in range(0, len(texts), batch_size):
         idx = order[s:s + batch_size]
         step = fast_decode.static_step(model) if compile else rollout.plain_step(model)
         enc = policy.encode(model, tokenizer, [texts[i] for i in idx], temperature=temperature,
-                            max_new_tokens=max_new_tokens if rationale else 0, top_p=top_p,
+                            max_new_tokens=max_new_tokens, top_p=top_p,
                             system_prompt=system_prompt, max_length=max_length, generator=generator,
                             normalize=normalize, step=step)
         out[idx] = enc.embeddings.float().cpu().numpy()
@@ -90,23 +90,32 @@ class GraceEncoder:
     prompt, 1024; greedy; L2-normalised. "release": the authors' evaluation (2048 tokens, their
     prompt, 1024, temperature 1, top-p 1, the raw mean). instructions=True appends mteb's task
     instruction (by prompt type: query vs document) to the system prompt, so it steers the
-    rationale while staying out of the pooled tokens. `stats` counts texts, tokens, empty ones."""
+    rationale while staying out of the pooled tokens. threads: torch's CPU threads (None: torch's
+    default). `stats` counts texts, tokens, empty ones. A bad argument: a ValueError line."""
 
     def __init__(self, model_name_or_path="tiny", revision=None, *, protocol="grace",
                  max_new_tokens=None, system_prompt=None, max_length=None, temperature=None,
                  top_p=None, normalize=None, seed=0, rationale=True, batch_size=16, device=None,
-                 instructions=False, model=None, tokenizer=None, progress=False, compile="auto"):
+                 instructions=False, model=None, tokenizer=None, progress=False, compile="auto",
+                 threads=1):
+        encoder_inputs.check_numbers(locals())  # the numbers given, before anything loads
         picked, self.sources = mteb_tasks.embedding_settings(
             model_name_or_path, protocol, max_new_tokens=max_new_tokens,
             system_prompt=system_prompt, max_length=max_length, temperature=temperature,
             top_p=top_p, normalize=normalize)
-        if device is None:  # under torchrun, each rank its own GPU
-            device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() \
-                else "cpu"
+        device = device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}"  # torchrun: a GPU a rank
+                            if torch.cuda.is_available() else "cpu")
+        encoder_inputs.set_threads(threads, device)  # None: torch's default
         if model is None:
+            encoder_inputs.check_model_folder(model_name_or_path)
             model, tokenizer = policy.load(model_name_or_path, device=device,
                                            dtype=policy.low_precision(device))
+            encoder_inputs.check_finite(model, model_name_or_path)
+        encoder_inputs.warn_if_stale(model_name_or_path)
         self.model, self.tokenizer = model.eval(), tokenizer
+        self.device = next(model.parameters()).device
+        if rationale:  # a rationale cannot outgrow the model's positions (nor the memory)
+            encoder_inputs.cap_rationale(model.config, picked, self.sources)
         try:  # the template alone must fit max_length: fail now, not in the middle of a task
             policy.build_prompts(tokenizer, ["x"], picked["system_prompt"], picked["max_length"])
         except ValueError as e:
@@ -122,70 +131,72 @@ class GraceEncoder:
     def embedding(self):
         """The resolved settings that shape the embeddings, as keyword arguments: a GraceEncoder
         of another model given them embeds exactly as this one does (evaluate.py's --baseline)."""
-        keys = ("max_new_tokens", "max_length", "temperature", "top_p", "seed", "normalize",
-                "rationale")
+        keys = "max_new_tokens max_length temperature top_p seed normalize rationale".split()
         return dict({k: self.settings[k] for k in keys}, system_prompt=self.system_prompt)
 
     def describe(self):
         """One line: the settings that shape the embeddings, and where each came from."""
-        s, src = self.settings, self.sources
-        prompt = self.system_prompt
-        prompt = prompt if len(prompt) <= 60 else prompt[:57] + "..."
-        decoding = "given" if "given" in (src["temperature"], src["top_p"]) else src["temperature"]
-        how = "greedy" if s["temperature"] == 0 else \
-            f"temperature {s['temperature']}, top-p {s['top_p']}, seed {s['seed']}"
-        rationale = f"rationale <= {s['max_new_tokens']} tokens ({src['max_new_tokens']}), " \
-            f"{how} ({decoding})" if s["rationale"] else "no rationale"
-        pooling = "L2-normalised mean" if s["normalize"] else "raw mean, not normalised"
-        return (f"{rationale}; prompt <= {s['max_length']} tokens ({src['max_length']}); "
-                f"{pooling} ({src['normalize']}); system prompt ({src['system_prompt']}): "
-                f"{prompt!r}")
+        return mteb_tasks.describe(self.settings, self.sources, self.system_prompt)
 
     def encode_texts(self, texts, system_prompt=None, return_rationales=False, batch_size=None,
-                     progress=None, desc=None):
+                     progress=None, desc=None, normalize=None):
         kw = dict(self.settings, system_prompt=system_prompt or self.system_prompt)
         kw["batch_size"] = batch_size or kw["batch_size"]
+        kw["normalize"] = kw["normalize"] if normalize is None else normalize
         self.stats["calls"] += 1
         return encode_texts(self.model, self.tokenizer, texts, return_rationales=return_rationales,
                             stats=self.stats, desc=desc,
                             progress=self.progress if progress is None else progress, **kw)
 
     def encode(self, inputs, *, task_metadata=None, hf_split=None, hf_subset=None, prompt_type=None,
-               batch_size=None, show_progress_bar=None, convert_to_tensor=False,
-               normalize_embeddings=True, **kwargs):
-        """A str or list of str -> float32 numpy (N, H) (a torch tensor with convert_to_tensor), as
-        sentence-transformers does; mteb's DataLoader of {"text": [...]} batches -> numpy (mteb's
-        protocol). Embeddings are L2-normalised unless the encoder's normalize is False (the
-        release's raw mean): normalize_embeddings is accepted for compatibility only. A
-        whitespace-only text is refused, as training does."""
+               **options):
+        """As sentence-transformers' encode: a str or list of str -> float32 numpy (N, H); every
+        other argument of its is honoured or refused in one line (encoder_inputs.st_options).
+        normalize_embeddings None: the encoder's normalize. mteb's DataLoader of {"text": [...]}
+        batches -> numpy (mteb's protocol). A blank text is refused, as training does."""
         if isinstance(inputs, str) or (isinstance(inputs, (list, tuple))
                                        and all(isinstance(t, str) for t in inputs)):
-            texts = [inputs] if isinstance(inputs, str) else list(inputs)
-            blank = next((i for i, t in enumerate(texts) if not t.strip()), None)
-            if blank is not None:
-                raise ValueError(f"text {blank} is empty or whitespace only: GRACE refuses it, "
-                                 "as training does")
-            emb = self.encode_texts(texts, batch_size=batch_size, progress=bool(show_progress_bar))
-            emb = emb[0] if isinstance(inputs, str) else emb
-            return torch.from_numpy(emb) if convert_to_tensor else emb
+            return self._embed(inputs, self.system_prompt, options)
         texts = [t for batch in inputs for t in batch["text"]]  # mteb: a DataLoader of dict batches
-        system_prompt = self.system_prompt_for(task_metadata, prompt_type)
-        desc = getattr(task_metadata, "name", None)
-        rank, world = dist.rank_world()
-        if world == 1:
-            return self.encode_texts(texts, system_prompt, batch_size=batch_size, desc=desc)
-        # torchrun: every rank runs the same mteb task; each embeds every world-th text, all gather.
-        parts = [None] * world
-        mine = self.encode_texts(texts[rank::world], system_prompt, batch_size=batch_size,
-                                 desc=desc)
-        torch.distributed.all_gather_object(parts, mine)
-        out = np.empty((len(texts), self.model.config.hidden_size), dtype=np.float32)
-        for r, part in enumerate(parts):
-            out[r::world] = part
-        return out
+        return self._embed(texts, self.system_prompt_for(task_metadata, prompt_type), options,
+                           gather=True, desc=getattr(task_metadata, "name", None))
 
-    def system_prompt_for(self, task_metadata, prompt_type):
-        instruction = task_metadata.prompt if self.instructions and task_metadata else None
+    def encode_query(self, inputs, *, instruction=None, **options):
+        """encode() for search queries (sentence-transformers >= 5 has it): `instruction` joins
+        the system prompt as mteb's query instruction does (system_prompt_for); none: plain."""
+        return self._embed(inputs, self.system_prompt_for(None, "query", instruction), options)
+
+    def encode_document(self, inputs, **options):  # the plain system prompt, as mteb's documents
+        return self._embed(inputs, self.system_prompt, options)
+
+    def _embed(self, inputs, system_prompt, options, gather=False, **kw):
+        # a user's texts (checked) or mteb's (gather: shared out over torchrun's ranks)
+        opts = encoder_inputs.st_options(options, self.model.config.hidden_size, self.device)
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
+        if bad and not gather:
+            raise ValueError(f"text {bad[0]} is empty or whitespace only, or not a string: "
+                             "GRACE refuses it, as training does")
+        normalize = self.settings["normalize"] if opts["normalize"] is None else opts["normalize"]
+        texts = [opts["prompt"] + t for t in texts]
+        kw.update(batch_size=opts["batch_size"], normalize=normalize,
+                  progress=opts["progress"] if not gather else None)
+        rank, world = dist.rank_world()
+        if world == 1 or not gather:
+            emb = self.encode_texts(texts, system_prompt, **kw)
+        else:  # torchrun: every rank runs the same mteb task, embeds every world-th text; gather
+            parts = [None] * world
+            torch.distributed.all_gather_object(
+                parts, self.encode_texts(texts[rank::world], system_prompt, **kw))
+            emb = np.empty((len(texts), self.model.config.hidden_size), dtype=np.float32)
+            for r, part in enumerate(parts):
+                emb[r::world] = part
+        emb = encoder_inputs.shape_output(emb, opts, normalize)
+        return emb[0] if isinstance(inputs, str) else emb
+
+    def system_prompt_for(self, task_metadata, prompt_type, instruction=None):
+        if instruction is None and self.instructions and task_metadata:
+            instruction = task_metadata.prompt
         if isinstance(instruction, dict):
             instruction = instruction.get(getattr(prompt_type, "value", prompt_type))
         elif getattr(prompt_type, "value", prompt_type) == "document":
@@ -209,33 +220,6 @@ def _unit(e):  # (N, H) unit vectors
     return torch.nn.functional.normalize(e.reshape(-1, e.shape[-1]), dim=-1)
 
 
-@torch.no_grad()
-def perplexity(model, tokenizer, texts, batch_size=16, max_length=DEFAULT_MAX_LENGTH):
-    """exp(mean negative log-likelihood per token) of plain texts, teacher-forced: each text as is
-    (no chat template) with the tokenizer's own special tokens, cut to max_length, no EOS
-    added; every token but the first is scored, the mean is over all scored tokens."""
-    device = next(model.parameters()).device
-    ids = tokenizer([str(t) for t in texts], add_special_tokens=True, truncation=True,
-                    max_length=max_length)["input_ids"]
-    nll, count = 0.0, 0
-    for s in range(0, len(ids), batch_size):
-        rows = ids[s:s + batch_size]
-        width = max(len(r) for r in rows)
-        seqs = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(seqs)
-        for i, r in enumerate(rows):  # left-padded, as everywhere in the project
-            seqs[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
-        scored = mask.clone()
-        firsts = width - torch.tensor([len(r) for r in rows])
-        scored[torch.arange(len(rows)), firsts] = 0  # each text's first token has no prefix
-        logp = policy.token_logprobs(model, seqs.to(device), mask.to(device), scored.to(device))
-        nll -= logp.double().sum().item()
-        count += int(scored.sum())
-    if count == 0:
-        raise UsageError("perplexity: no text has two or more tokens")
-    return math.exp(nll / count)
-
-
 # ----------------------------------------------------------------------------- the mteb run
 
 def run(args):
@@ -245,7 +229,7 @@ def run(args):
                      system_prompt=args.system_prompt, max_length=args.max_length,
                      temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                      normalize=args.normalize, rationale=not args.no_rationale)
-    enc_kwargs = dict(batch_size=args.batch_size, device=args.device,
+    enc_kwargs = dict(batch_size=args.batch_size, device=args.device, threads=args.threads,
                       instructions=args.instructions, compile=args.compile,
                       progress=False if args.no_progress or rank else None)
     for name in args.model:  # a typo in the second model should not wait for the first's tasks
@@ -255,8 +239,8 @@ def run(args):
         print(f"== {args.model[0]}: {encoder.describe()}")
         explain(encoder, args.explain, args.corpus, args.neighbours)
         return 0
-    tasks = mteb_tasks.resolve_tasks(args, say) if args.tasks or args.benchmark or args.local \
-        else []
+    named = args.tasks or args.benchmark or args.local
+    tasks = mteb_tasks.resolve_tasks(args, say) if named else []
     ppl_texts = mteb_tasks.read_texts(args.perplexity) if args.perplexity else None
     if not tasks and not ppl_texts:
         raise UsageError("nothing to evaluate: give --tasks, --benchmark, --local, --perplexity "
@@ -266,13 +250,16 @@ def run(args):
     overwrite = "always" if args.recompute or world > 1 else "only-missing"
     columns, stats, ppl = {}, {}, {}
     for i, name in enumerate(args.model):
-        encoder = GraceEncoder(name, **embedding, **enc_kwargs)
-        if i == 0:  # every model embeds with the first one's resolved settings
-            embedding = dict(encoder.embedding(), protocol=args.protocol)
-            say(f"embedding settings, all models: {encoder.describe()}", flush=True)
+        baseline_alone = args.baseline_no_rationale and i == len(args.model) - 1
+        encoder = GraceEncoder(name, **dict(embedding, rationale=embedding["rationale"] and
+                                            not baseline_alone), **enc_kwargs)
         label = encoder.mteb_model_meta.name if tasks else str(name)
         label = label if label not in stats else f"{label} ({len(stats) + 1})"
-        say(f"== {label}", flush=True)
+        if i == 0:  # every model embeds with the first one's resolved settings
+            embedding, first = dict(encoder.embedding(), protocol=args.protocol), label
+        else:
+            encoder.sources = dict.fromkeys(encoder.sources, f"as {first}")
+        say(f"== {label}: {encoder.describe()}", flush=True)
         if tasks:
             columns[label] = mteb_tasks.evaluate_model(encoder, tasks, cache, args.batch_size,
                                                        overwrite, say)
@@ -281,14 +268,13 @@ def run(args):
                 say(f"   results in {where}", flush=True)
         stats[label] = dict(encoder.stats, rationale=encoder.settings["rationale"])
         if ppl_texts:
-            ppl[label] = perplexity(encoder.model, encoder.tokenizer, ppl_texts, args.batch_size,
+            ppl[label] = diagnostics.perplexity(encoder.model, encoder.tokenizer, ppl_texts, args.batch_size,
                                     encoder.settings["max_length"])
             say(f"   perplexity on {len(ppl_texts)} texts of {args.perplexity}: {ppl[label]:.2f}",
                 flush=True)
         del encoder  # one model in memory at a time
         gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # a no-op without CUDA
     if tasks:
         say(mteb_tasks.summary_table(columns, {t.metadata.name: t.metadata.type for t in tasks},
                                      stats, ppl))
@@ -311,17 +297,22 @@ def explain(encoder, texts, corpus=None, neighbours=3):
 
 
 def main(argv=None):
+    console.quiet()  # third-party bars and known harmless warnings off
     try:
         args = cli.evaluate_args(argv)
     except SystemExit as e:  # -h, or a bad flag (already printed as one line)
         return e.code
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        dist.setup(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), threads=None)
+        dist.setup(args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                   threads=args.threads)
     try:
         return run(args)
     except (UsageError, data.DataError, FileNotFoundError) as e:  # bad input: one line, exit 2
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # results of finished tasks are on disk, whole (atomic writes)
+        print("stopped (Ctrl-C); finished tasks' results are kept", file=sys.stderr)
+        return 130
     finally:
         dist.close()
 

@@ -42,33 +42,41 @@ class Encoded:
 @torch.no_grad()
 def encode(model, tokenizer, texts, *, n=1, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0,
            system_prompt=DEFAULT_SYSTEM_PROMPT, max_length=1024, generator=None, normalize=True,
-           logprob_temperature=None, chunk_rows=None, sample_rows=None, step=None, device=None):
+           logprob_temperature=None, chunk_rows=None, sample_rows=None, step=None, device=None,
+           pool_from="sampler"):
     """texts -> n rationales each -> Encoded: the one GRACE embedding, for training and evaluation.
 
     temperature 0 is greedy; max_new_tokens 0 pools the prompt alone (the no-rationale baseline);
-    normalize False keeps the raw mean. logprob_temperature: also score the rationale under logits
-    / T (the old log-probs), same forward. Bounds: sample_rows rows sampled at once (KV cache),
-    chunk_rows per forward. step: rollout.sample's decode step; device: where the work happens."""
+    normalize False keeps the raw mean. logprob_temperature: also the old log-probs, under logits
+    / T. Bounds: sample_rows rows sampled at once (whole groups of n), chunk_rows per forward.
+    step: rollout.sample's decode step; device: where the work happens. pool_from "sampler": the
+    sampler keeps the pooled sums and the log-probs, each prompt prefilled once; "forward": prompts
+    repeated n-fold, then a second forward (the reference; docs/measured.md compares the two)."""
     device = device or next(model.parameters()).device
     ids, mask, start, cut = build_prompts(tokenizer, texts, system_prompt, max_length,
                                           return_truncated=True)
-    ids, mask, start = (x.repeat_interleave(n, 0).to(device) for x in (ids, mask, start))  # (Bn, P)
-    rows = sample_rows or max(len(ids), 1)
+    sampler = pool_from == "sampler"  # else "forward"
+    k = n if sampler else 1  # rows per prompt in rollout.sample (forward: prompts repeated)
+    ids, mask, start = (x.repeat_interleave(n // k, 0).to(device) for x in (ids, mask, start))
+    per = max((sample_rows or len(ids) * k) // k, 1)  # prompts per sample call
     with autocast(device):  # bf16 on GPU, as the scoring forwards that follow
-        ro = rollout.concat([rollout.sample(model, ids[s:s + rows], mask[s:s + rows],
-                                            max_new_tokens, temperature, top_p, top_k,
-                                            stop_token_ids(model, tokenizer),
-                                            tokenizer.pad_token_id, generator, step=step)
-                             for s in range(0, len(ids), rows)], tokenizer.pad_token_id)
-    pool = pool_mask_from(ro.attention_mask, start)  # text + rationale: no system prompt, padding
-    rows = chunk_rows or len(ids)
-    embeddings, logprobs = [], []
-    for s in range(0, len(ids), rows):
-        seqs, am = ro.sequences[s:s + rows], ro.attention_mask[s:s + rows]
+        ro = rollout.concat([rollout.sample(
+            model, ids[s:s + per], mask[s:s + per], max_new_tokens, temperature, top_p, top_k,
+            stop_token_ids(model, tokenizer), tokenizer.pad_token_id, generator, n=k, step=step,
+            pool_start=start[s:s + per] if sampler else None,
+            logprob_temperature=logprob_temperature if sampler else None)
+            for s in range(0, len(ids), per)], tokenizer.pad_token_id)
+    pool = pool_mask_from(ro.attention_mask, start.repeat_interleave(k, 0))  # text + rationale
+    if ro.pooled is not None:  # nothing to run again
+        mean = ro.pooled / pool.sum(1, keepdim=True).clamp(min=1)  # (Bn, H)
+        return Encoded(ro, F.normalize(mean, dim=-1) if normalize else mean, pool, cut, ro.logprobs)
+    rows, embeddings, logprobs = chunk_rows or len(ro.sequences), [], []
+    for s in range(0, len(ro.sequences), rows):
+        seqs, am, cm = (x[s:s + rows] for x in (ro.sequences, ro.attention_mask,
+                                                 ro.completion_mask))
         hidden = hidden_states(model, seqs, am)  # (rows, T, H): one forward serves both
         embeddings.append(mean_pool(hidden, pool[s:s + rows], normalize))
         if logprob_temperature is not None:
-            cm = ro.completion_mask[s:s + rows]
             logprobs.append(token_logprobs(model, seqs, am, cm, logprob_temperature, hidden=hidden))
     return Encoded(ro, torch.cat(embeddings), pool, cut, torch.cat(logprobs) if logprobs else None)
 
@@ -112,12 +120,9 @@ def render_prompt(tokenizer, text, system_prompt=DEFAULT_SYSTEM_PROMPT):
 
 
 def _tokenize_prompt(tokenizer, text, system_prompt):
-    """-> (ids, index of the first token of the user text).
-
-    The text's character offset is where a placeholder lands when the template is rendered with it
-    (searching for the text itself fails for short texts like "a" that also occur in the template).
-    Token offsets then map it to a position; everything from the text on is pooled.
-    """
+    """-> (ids, index of the first token of the user text). The text starts where a placeholder
+    lands in the rendered template (searching for the text fails for short texts like "a" that
+    also occur in the template); token offsets map that to a position."""
     placeholder = "\x00TEXT\x00"
     char_start = render_prompt(tokenizer, placeholder, system_prompt).index(placeholder)
     prompt = render_prompt(tokenizer, text, system_prompt)
@@ -156,16 +161,14 @@ def build_prompts(tokenizer, texts, system_prompt=DEFAULT_SYSTEM_PROMPT, max_len
     return out + (torch.tensor(cut),) if return_truncated else out
 
 
-
 # ----------------------------------------------------------------------------- log-probabilities
 
 def token_logprobs(model, sequences, attention_mask, completion_mask, temperature=1.0,
                    chunk_size=1024, hidden=None):
-    """(B, T) float32 log pi(x_t | x_<t) on completion_mask positions, 0 elsewhere. Only masked
-    positions get logits, `chunk_size` rows at a time. With gradients on, each chunk is
-    recomputed in backward (checkpoint), so the float32 (n, V) logits are never all kept at once.
-    `temperature` scores tokens under logits / T: use the temperature the tokens were sampled at.
-    hidden: the last hidden states (B, T, H), if a forward already made them (encode's)."""
+    """(B, T) float32 log pi(x_t | x_<t) on completion_mask positions, 0 elsewhere. Only those get
+    logits, `chunk_size` rows at a time; with gradients on each chunk is recomputed in backward
+    (checkpoint): the float32 (n, V) logits are never all kept. temperature: score under logits / T,
+    the sampling temperature. hidden: the last hidden states (B, T, H), if a forward made them."""
     if hidden is None:
         hidden = hidden_states(model, sequences, attention_mask)  # (B, T, H)
     B, T = sequences.shape
@@ -239,22 +242,19 @@ def low_precision(device):
 def autocast(device):
     """bf16 autocast on GPU (the fp32 master weights are kept), plain fp32 elsewhere. Every forward
     of training runs under it, rollouts included: sampling and scoring see the same numerics."""
-    dtype = low_precision(device)
-    return torch.autocast("cuda", dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=low_precision(device) is not None)
 
 
 def stop_token_ids(model, tokenizer):
-    """The ids that end a rationale: generation_config's (chat models list several, e.g. Qwen's
-    <|im_end|> and <|endoftext|>), else the tokenizer's EOS."""
+    """The ids that end a rationale: generation_config's (chat models list several), else EOS."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     return eos if eos is not None else tokenizer.eos_token_id
 
 
 def load(name_or_path, device="cpu", dtype=None, seed=0):
     """-> (model, tokenizer) in eval mode, float32 unless dtype says otherwise. "tiny" is a random
-    0.3M Qwen2 (models/tiny holds its config and tokenizer; `seed` draws its weights), "tiny-lm"
-    the small LM of tools/pretrain.py; anything else goes to from_pretrained. The tokenizer pads on
-    the left (prompts must end where generation starts) and always has a pad token."""
+    0.3M Qwen2 (models/tiny: its config and tokenizer; `seed` draws its weights), "tiny-lm" the LM
+    of tools/pretrain.py; else from_pretrained. The tokenizer pads left, with a pad token."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     builtin = str(name_or_path) in ("tiny", "tiny-lm")

@@ -25,8 +25,8 @@ Deviations from the authors' release (GasolSun36/GRACE, built on verl), each on 
     loads no reference model.
  2. One optimizer step per rollout batch (one mini-batch, --ppo-epochs 1): pi_old is the current
     policy, its log-probs the new ones detached (rho = 1 exactly, as TRL does) and their forward
-    skipped; verl recomputes them in a separate pass (rho = 1 up to rounding). Otherwise they come
-    from the embedding forward (one pass). Why: a forward less for the same math.
+    skipped; verl recomputes them in a separate pass (rho = 1 up to rounding). Otherwise they are
+    the sampler's own (rollout.sample). Why: a forward less for the same math.
  3. verl skips an optimizer step whose gradient norm is not finite; here one whose loss is not
     finite too, counted in `skipped`, and three in a row stop the run; nothing non-finite is ever
     saved. Why: a diverged run should stop, not go on training.
@@ -100,7 +100,7 @@ from tqdm import tqdm  # noqa: E402
 import policy  # noqa: E402
 import reward  # noqa: E402
 import rollout  # noqa: E402
-from infra import cli, data, diagnostics, dist, fast_decode, fsdp, runfolder  # noqa: E402
+from infra import cli, console, data, diagnostics, dist, fast_decode, fsdp, runfolder  # noqa: E402
 from infra.cli import TrainingError, UsageError  # noqa: E402
 
 MAX_NONFINITE_IN_ROW = 3
@@ -201,9 +201,9 @@ def rl_step(model, ref, tok, opt, batch, args, generator, world):
     on_policy = args.ppo_epochs == 1 and len(batch) == args.mini_batch_size // world
     t0 = time.perf_counter()
 
-    # 1. rollouts and embeddings, no gradient: G main rationales per positive (with pi_old's
-    #    log-probs from the same forward, unless on-policy), one low-temperature rationale per
-    #    query and negative
+    # 1. rollouts and embeddings, no gradient, both from the sampler (policy.encode): G main
+    #    rationales per positive (each prompt prefilled once; pi_old's log-probs from the logits
+    #    they were drawn from, unless on-policy), one low-temperature rationale per query/negative
     texts = [r["positive" if supervised else "text"] for r in batch]
     main = encode(model, tok, texts, args, n=G, temperature=args.temperature, generator=generator,
                   logprob_temperature=None if on_policy else args.temperature)
@@ -365,7 +365,7 @@ def run(args, given=frozenset()):
             runfolder.set_rng_state(state.pop("rng")[rank], generator)
         step_fn = contrastive_step if args.objective == "contrastive" else rl_step
         stop = dist.catch_signals()
-        bar = tqdm(total=args.steps, initial=state["step"], disable=rank != 0, dynamic_ncols=True)
+        report = runfolder.Reporter(out, args, state["step"], rank)  # jsonl, bar, tensorboard
         try:
             while state["step"] < args.steps:
                 batch = next_batch(records, state, args, rank, world)
@@ -378,12 +378,12 @@ def run(args, given=frozenset()):
                 state["step"] += 1
                 metrics["peak_mem_mb"] = dist.peak_memory_mb()
                 if sts is not None and state["step"] % args.eval_every == 0:
-                    metrics["sts_dev_spearman"] = sts_spearman(model, tok, sts, args)
+                    metrics["sts_dev"] = 100 * sts_spearman(model, tok, sts, args)  # evaluate's
                 metrics = dist.average_over_ranks(dict(metrics, stop=float(bool(stop))), world)
                 state["prompts_cut"] += round(metrics.pop("prompts_cut") * world)
                 stopping = metrics.pop("stop") > 0 and state["step"] < args.steps  # done: just end
                 if rank == 0:
-                    runfolder.log_step(out, bar, state, metrics, record, rationale, args)
+                    report.step(state, metrics, record, rationale)
                 count_nonfinite(state, metrics)  # after logging: the metrics show the skipped steps
                 if stopping or state["step"] % args.save_every == 0 or state["step"] == args.steps:
                     runfolder.save_step(out, model, tok, opt, state, args, generator, rank, world)
@@ -393,7 +393,7 @@ def run(args, given=frozenset()):
                                    "--resume continues from it")
                     raise KeyboardInterrupt
         finally:
-            bar.close()
+            report.close()
             stop.restore()
         runfolder.export(out, model, tok, state, args, rank)
 
@@ -430,12 +430,12 @@ def prepare(args, given, world, rank):
     """Everything that can fail on bad input, before anything is written: settings, data, models,
     optimizer, the resumed state. -> (records, model, tokenizer, reference or None, optimizer,
     state, sts pairs or None)."""
-    state, resume_from, saved = runfolder.resume(args, given, rank)  # the saved settings win
+    state, resume_from, saved, loaded = runfolder.resume(args, given, rank, world)  # saved wins
     records = data.load_records(args.data, args.mode)
     cli.check_run(args, given, world, len(records))  # --fsdp, the batch sizes over the ranks
     args.steps = args.steps or max(1, args.epochs * len(records) // args.batch_size)
     sts = data.load_sts_pairs(args.eval_data, args.eval_pairs) if args.eval_every else None
-    model, tok, ref = load_models(args, resume_from)
+    model, tok, ref = load_models(args, loaded)
     torch.manual_seed(args.seed), random.seed(args.seed)
     opt = runfolder.optimizer(model, args, saved)  # AdamW; resumed: the saved state
     if rank == 0:
@@ -443,11 +443,11 @@ def prepare(args, given, world, rank):
     return records, model, tok, ref, opt, state, sts
 
 
-def load_models(args, resume_from):
-    """The policy (from the checkpoint when resuming), and the frozen reference (the base model,
-    bf16 on GPU since it never steps) unless --kl-coef 0 or --objective contrastive."""
+def load_models(args, resumed=None):
+    """The policy (resumed: the checkpoint's, already loaded), and the frozen reference (the base
+    model, bf16 on GPU since it never steps) unless --kl-coef 0 or --objective contrastive."""
     try:
-        model, tok = policy.load(resume_from or args.model, device=args.device, seed=args.seed)
+        model, tok = resumed or policy.load(args.model, device=args.device, seed=args.seed)
         ref = None
         if args.kl_coef and args.objective == "grpo":
             ref, _ = policy.load(args.model, device=args.device, seed=args.seed,
@@ -475,6 +475,7 @@ def disable_dropout(model):
 
 
 def main(argv=None):
+    console.quiet()  # third-party bars and known harmless warnings off
     args, given = cli.train_args(argv)
     try:
         run(args, given)

@@ -98,7 +98,11 @@ def main():
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--large", action="store_true")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for torch, as evaluate.py's --threads (0: torch's default)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     texts = texts_from(args.sts, args.n)
     model, tokenizer = load_model(args.large, args.device)

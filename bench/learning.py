@@ -59,7 +59,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from infra import cli, data  # noqa: E402
+from infra import cli, data, diagnostics  # noqa: E402
 import evaluate  # noqa: E402
 import policy  # noqa: E402
 import train  # noqa: E402
@@ -126,7 +126,7 @@ def measure(model_path, sts, pairs, ppl_texts, max_new=None):
     gold = [r["score"] for r in rows]
     return dict(sts=100 * spearmanr((e[:pairs] * e[pairs:]).sum(-1), gold).statistic,
                 cos=((e.sum(0) @ e.sum(0) - n) / (n * (n - 1))).item(),
-                ppl=evaluate.perplexity(model, tok, ppl_texts),
+                ppl=diagnostics.perplexity(model, tok, ppl_texts),
                 len=stats["tokens"] / stats["texts"], empty=stats["empty"] / stats["texts"])
 
 

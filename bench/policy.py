@@ -66,8 +66,12 @@ def main():
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--variant", default=None)
     p.add_argument("--grad", default="off")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (as train.py)")
     args = p.parse_args()
     if args.variant:
+        import torch
+
+        torch.set_num_threads(args.threads)
         return child(args)
     full = args.batch * args.seq * args.vocab * 4 / 2**20
     print(f"token_logprobs peak memory, batch {args.batch} x {args.seq} tokens x vocab "
@@ -78,6 +82,7 @@ def main():
         res = {}
         for variant in ("naive", "chunked"):
             cmd = [sys.executable, __file__, "--variant", variant, "--grad", grad,
+                   "--threads", str(args.threads),
                    "--batch", str(args.batch), "--seq", str(args.seq), "--vocab", str(args.vocab)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             res[variant] = json.loads(out.strip().splitlines()[-1])

@@ -21,6 +21,7 @@ expanded inside every step) and compiled now (from `fast_decode.decode_copy`). O
 model at batch 16; on a GPU the Qwen2.5-1.5B shape at batch 128 (--floor-only runs just that
 table).
 """
+import argparse
 import statistics
 import sys
 import time
@@ -196,7 +197,12 @@ def floor_table(device, batch, prompt, new, pairs, shape=None):
 
 
 def main():
-    if "--floor-only" in sys.argv:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--floor-only", action="store_true", help="only the weight-streaming table")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (as train.py)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.floor_only:
         cuda = torch.cuda.is_available()
         return floor_table(torch.device("cuda" if cuda else "cpu"), batch=128 if cuda else 16,
                            prompt=64, new=128, pairs=3, shape="Qwen2.5-1.5B" if cuda else None)

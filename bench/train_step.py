@@ -1,8 +1,10 @@
 """One training step (rollout / score / update) on a random-initialised model of a named shape,
-plain against compiled rollouts in the same run; and the per-GPU memory table for the release's
-batch.
+plain against compiled rollouts and the embedding's two paths in the same run; and the per-GPU
+memory table for the release's batch.
 
     python bench/train_step.py                     # CPU: the "small" shape, tiny batch
+    python bench/train_step.py --shape tiny --batch-size 8 --group-size 4 --compile off
+                                                   # the embedding's paths, before / after
     python bench/train_step.py --shape Qwen2.5-1.5B --batch-size 64 --group-size 8 \
         --mini-batch-size 16 --micro-batch-size 2 --max-new-tokens 2048 \
         --grad-checkpointing                       # GPU: a release-shaped step
@@ -14,7 +16,13 @@ It drives train.py's own functions (infra.cli.train_args, train.load_models, tra
 model saved to a temporary folder (AutoModelForCausalLM.from_config: no weights are downloaded),
 with the tiny model's offline tokenizer, on the bundled sample records (infra.cli.SAMPLE_DATA).
 Each mode runs one warm-up step (compilation happens there), then --steps timed steps; the table
-shows their mean. Peak memory: GPU max allocated per mode on CUDA; on CPU the process's peak RSS,
+shows their mean. --paths: policy.encode's pool_from, "forward" (before: every prompt prefilled G
+times, then a second forward over the rollouts to pool and score) against "sampler" (after: each
+prompt prefilled once, the pooled states and log-probs kept while sampling). The rollout stage
+splits into the main rollouts (G per positive, with their embeddings) and the side ones (query,
+negative); "core" = main + score + update, the part a TRL GRPO step also has (G completions, their
+log-probs, the update), without GRACE's side rollouts.
+Peak memory: GPU max allocated per mode on CUDA; on CPU the process's peak RSS,
 which only grows (the second mode's number includes the first's).
 --gather-bench (under torchrun with --fsdp): a rollout batch from fsdp's decode copy
 (fsdp.plain_copy, refreshed first, what train.py does) against the sharded model gathered once,
@@ -37,8 +45,12 @@ import policy  # noqa: E402
 import rollout  # noqa: E402
 import train  # noqa: E402
 
-# Public config.json values of the real models (architecture only); "small" is the CPU stand-in.
+# Public config.json values of the real models (architecture only); "small" is the CPU stand-in,
+# "tiny" the built-in tiny model's shape (models/tiny).
 SHAPES = {
+    "tiny": dict(model_type="qwen2", hidden_size=64, intermediate_size=256, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=None,
+                 tie_word_embeddings=True),
     "small": dict(model_type="qwen2", hidden_size=256, intermediate_size=1024,
                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                   vocab_size=None, tie_word_embeddings=True),
@@ -98,7 +110,7 @@ def save_random_model(shape, folder):
     tok.save_pretrained(folder)
 
 
-def one_mode(folder, compile, opts, rank, world, steps):
+def one_mode(folder, compile, opts, rank, world, steps, pool_from="sampler"):
     args, _ = cli.train_args(["--model", folder, "--compile", compile, *opts])
     if world > 1 and args.device.startswith("cuda"):
         args.device = f"cuda:{os.environ['LOCAL_RANK']}"
@@ -110,10 +122,25 @@ def one_mode(folder, compile, opts, rank, world, steps):
     gen = torch.Generator(device=args.device).manual_seed(rank)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    runs = [train.rl_step(model, ref, tok, opt, batch, args, gen, world)[0]
-            for _ in range(steps + 1)][1:]
+    encode, split, runs = policy.encode, {}, []
+
+    def timed_encode(*a, **kw):  # the main rollouts pass logprob_temperature, the side ones not
+        t = time.perf_counter()
+        out = encode(*a, pool_from=pool_from, **kw)
+        key = "t_main" if "logprob_temperature" in kw else "t_side"
+        split[key] += time.perf_counter() - t
+        return out
+    policy.encode = timed_encode
+    try:
+        for _ in range(steps + 1):
+            split.update(t_main=0.0, t_side=0.0)
+            runs.append(dict(train.rl_step(model, ref, tok, opt, batch, args, gen, world)[0],
+                             **split))
+    finally:
+        policy.encode = encode
+    runs = runs[1:]
     m = {k: statistics.mean(r[k] for r in runs)
-         for k in ("t_rollout", "t_score", "t_update", "tokens_per_s")}
+         for k in ("t_rollout", "t_main", "t_side", "t_score", "t_update", "tokens_per_s")}
     m["peak_mb"] = dist.peak_memory_mb()
     if world > 1:
         m = dist.average_over_ranks(m, world)
@@ -183,11 +210,13 @@ def bench(a):
             torch.distributed.barrier()
         rows = {}
         for mode in a.compile.split(","):
-            model = None  # free the previous mode's model (and its decode copy) before the next
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            rows[mode], model, tok, args = one_mode(folder, mode, opts, rank, world, a.steps)
+            for path in a.paths.split(","):
+                model = None  # free the previous mode's model (and its decode copy) first
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                rows[mode, path], model, tok, args = one_mode(folder, mode, opts, rank, world,
+                                                              a.steps, path)
         gathered = gather_bench(model, tok, args, world) if a.gather_bench and a.fsdp else None
         if world > 1:
             torch.distributed.barrier()
@@ -196,15 +225,23 @@ def bench(a):
     how = f"{' FSDP' if a.fsdp else ''}{' offload' if a.offload else ''}"
     print(f"shape {a.shape}, {world} process(es){how} on {args.device}; {a.batch_size} texts x "
           f"G={a.group_size}, {a.max_new_tokens} new tokens, mean of {a.steps}")
-    print(f"{'rollouts':>9} {'rollout s':>9} {'score s':>8} {'update s':>9} {'step s':>8} "
-          f"{'tok/s':>8} {'peak MB':>8}")
-    for mode, m in rows.items():
-        step = m["t_rollout"] + m["t_score"] + m["t_update"]
-        print(f"{'compiled' if mode == 'on' else 'plain':>9} {m['t_rollout']:9.3f} "
-              f"{m['t_score']:8.3f} {m['t_update']:9.3f} {step:8.3f} {m['tokens_per_s']:8.1f} "
-              f"{m['peak_mb']:8.0f}")
-    if {"on", "off"} <= set(rows):
-        ratio = rows['on']['tokens_per_s'] / rows['off']['tokens_per_s']
+    print("| rollouts | embedding | rollout s | main s | side s | score s | update s | step s | "
+          "core s | tok/s | peak MB |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    for (mode, path), m in rows.items():
+        m["step"] = m["t_rollout"] + m["t_score"] + m["t_update"]
+        m["core"] = m["t_main"] + m["t_score"] + m["t_update"]
+        print(f"| {'compiled' if mode == 'on' else 'plain'} | {path} | {m['t_rollout']:.3f} | "
+              f"{m['t_main']:.3f} | {m['t_side']:.3f} | {m['t_score']:.3f} | "
+              f"{m['t_update']:.3f} | {m['step']:.3f} | {m['core']:.3f} | "
+              f"{m['tokens_per_s']:.1f} | {m['peak_mb']:.0f} |")
+    for mode in a.compile.split(","):
+        if (mode, "forward") in rows and (mode, "sampler") in rows:
+            old, new = rows[mode, "forward"], rows[mode, "sampler"]
+            print(f"{'compiled' if mode == 'on' else 'plain'}: sampler / forward: step "
+                  f"{new['step'] / old['step']:.2f}x, main rollouts "
+                  f"{new['t_main'] / old['t_main']:.2f}x, core {new['core'] / old['core']:.2f}x")
+    if ("on", "sampler") in rows and ("off", "sampler") in rows:
+        ratio = rows["on", "sampler"]["tokens_per_s"] / rows["off", "sampler"]["tokens_per_s"]
         print(f"compiled / plain rollout tokens/s: {ratio:.2f}x")
     if gathered:
         print(f"rollout of 8 rows x 16 tokens: decode copy {gathered[0]:.3f} s (its refresh alone "
@@ -282,6 +319,9 @@ def main(argv=None):
     p.add_argument("--shape", default="small", choices=list(SHAPES))
     p.add_argument("--compile", default="off,on",
                    help="rollout modes to run, in order: off, on or off,on")
+    p.add_argument("--paths", default="forward,sampler",
+                   help="policy.encode's pool_from to run, in order: forward (before: G prefills "
+                        "and a second forward), sampler (after: each thing computed once)")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--group-size", type=int, default=4)
     p.add_argument("--mini-batch-size", type=int, default=None, help="default: the batch per rank")

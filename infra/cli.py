@@ -4,6 +4,8 @@ Bad input anywhere (a flag, a file, a folder) is a UsageError: printed as one li
 exit status 2, nothing written. Parsers here fail the same way (`Parser.error`).
 """
 import argparse
+import difflib
+import importlib
 import inspect
 import json
 import math
@@ -30,8 +32,24 @@ class TrainingError(Exception):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit 2, like every other input error
-        print(f"error: {message} (see: python {self.prog} -h)", file=sys.stderr)
+        print(f"error: {message}{self.did_you_mean(message)} (see: python {self.prog} -h)",
+              file=sys.stderr)
         raise SystemExit(2)
+
+    def did_you_mean(self, message):
+        """' (did you mean --steps?)' for a mistyped flag in argparse's 'unrecognized arguments'
+        message, else ''. (argparse's own suggest_on_error needs Python 3.14.)"""
+        if not message.startswith("unrecognized arguments: "):
+            return ""
+        flags = [o for a in self._actions if a.help != argparse.SUPPRESS
+                 for o in a.option_strings if o.startswith("--")]
+        hints = []
+        for word in [w.split("=")[0] for w in message.split(": ", 1)[1].split()]:
+            # a flag the word extends (--lr-rate: --lr), else the closest spelling (--stpes)
+            close = sorted((f for f in flags if word.startswith(f + "-")), key=len)[-1:] or \
+                difflib.get_close_matches(word, flags, n=1) if word.startswith("--") else []
+            hints += [f"{word}: did you mean {close[0]}?"] if close else []
+        return f" ({'; '.join(hints)})" if hints else ""
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -147,10 +165,10 @@ def train_parser(suppress=False):
                         "policy.DEFAULT_SYSTEM_PROMPT")
     prompt.add_argument("--system-prompt-file", metavar="FILE", help="read --system-prompt from "
                         "FILE (UTF-8, its final line break dropped; default: --system-prompt's)")
-    a("--steps", type=int,
-      help="rollout batches to train on (default: --epochs' worth)" + per_preset("steps"))
-    a("--epochs", type=int,
-      help="passes over the data when --steps is not given" + per_preset("epochs"))
+    a("--steps", type=int, help="rollout batches to train on (default: --epochs' worth; not "
+      "with --epochs)" + per_preset("steps"))
+    a("--epochs", type=int, help="passes over the data, the run's length: given, it replaces the "
+      "preset's (or the resumed run's) steps" + per_preset("epochs"))
     a = group("rollouts")
     a("--group-size", type=int, help="G rationales per text" + per_preset("group_size"))
     a("--max-new-tokens", type=int, help="rationale length limit" + per_preset("max_new_tokens"))
@@ -224,8 +242,11 @@ def train_parser(suppress=False):
       help="checkpoints kept (each holds optimizer state, 2x the weights)")
     a("--resume", nargs="?", const="latest", help="continue the run in --out from its newest "
       "complete checkpoint (or from the step-N folder given); its saved settings are used")
-    a("--force-resume", action="store_true",
-      help="with --resume: apply flags that change the run (model, data, ...)")
+    a("--force-resume", action="store_true", help="with --resume: apply flags that change the "
+      "run (model, data, ...) and another number of processes")
+    a("--config", metavar="FILE", help="take the settings of a run's config.json (e.g. "
+      "out/config.json) as defaults: a relaunch; flags given override them; device, threads "
+      "and --compile stay this machine's (default: none)")
     a = group("evaluation and logging")
     a("--eval-every", type=int, default=0,
       help="STS Spearman on --eval-pairs pairs every N steps (0: never)")
@@ -233,6 +254,8 @@ def train_parser(suppress=False):
     a("--eval-data", help="STS JSONL (sentence1, sentence2, score) for --eval-every")
     a("--log-rationales", type=int, default=10,
       help="print a text and its rationale every N steps (0: never)")
+    a("--report-to", default="none", choices=["none", "tensorboard"], help="also write every "
+      "metric to OUT/tensorboard/ (needs `pip install tensorboard`)")
     return p
 
 
@@ -252,8 +275,16 @@ RANGES = dict(batch_size=(1, 1 << 20), group_size=(1, 1024), mini_batch_size=(1,
 def train_args(argv=None):
     """-> (args, the set of flags given on the command line)."""
     p = train_parser()
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--config")
+    config = peek.parse_known_args(argv)[0].config
+    from_config = read_train_config(p, config) if config else {}
+    p.set_defaults(**from_config)  # the config's values are the defaults, flags override them
     args = p.parse_args(argv)
+    args._from_config = set(from_config)  # (where a value came from, for error messages)
     given = set(vars(train_parser(suppress=True).parse_args(argv)))
+    if {"steps", "epochs"} <= given:
+        p.error("--steps and --epochs both set the run's length: pass one")
     if args.system_prompt_file is not None:  # the file's text is the setting --system-prompt
         args.system_prompt = read_system_prompt(p, args.system_prompt_file)
         given.add("system_prompt")
@@ -263,6 +294,8 @@ def train_args(argv=None):
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if "epochs" in given:  # its steps, not the preset's or the config's (train.prepare counts)
+        args.steps = None
     # one process: a whole mini-batch (check_run refines it for N ranks: mini / N)
     args.micro_batch_size = args.micro_batch_size or args.mini_batch_size
     check_ranges(p, args, RANGES)
@@ -280,6 +313,58 @@ def train_args(argv=None):
     if args.compile == "auto":
         args.compile = "on" if args.device.startswith("cuda") else "off"
     return args, given
+
+
+# where it runs, not what it computes: not taken from --config (nor from a resumed run)
+CONFIG_SKIPS = {"device", "threads", "compile"}
+
+
+def read_train_config(parser, path):
+    """--config FILE -> {setting: value}: a JSON object whose keys are train.py's settings (a run's
+    config.json), each value checked as its flag checks it (type, choices, range), but for
+    CONFIG_SKIPS; a file that is not that is one line naming it and the key."""
+    def bad(why):
+        parser.error(f"--config {path}: {why}")
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        bad("no such file")
+    except (OSError, UnicodeDecodeError) as e:
+        bad(f"unreadable ({getattr(e, 'strerror', None) or e})")
+    except ValueError as e:
+        bad(f"not valid JSON ({e})")
+    if not isinstance(config, dict):
+        bad("not a JSON object of settings (a run's config.json is one)")
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    for k, v in config.items():
+        if k not in actions:
+            close = difflib.get_close_matches(k, actions, n=1)
+            bad(f"unknown key {k!r}" + (f" (did you mean {close[0]!r}?)" if close else
+                                        " (not a setting of train.py)"))
+        problem = _config_problem(actions[k], v)
+        if problem:
+            bad(f"key {k!r}: {problem}")
+    return {k: float(v) if actions[k].type is float and v is not None else v
+            for k, v in config.items() if k not in CONFIG_SKIPS}
+
+
+def _config_problem(action, v):
+    """What is wrong with a config value for this flag's setting, or None."""
+    if v is None:
+        return None if action.default is None else "null, but it needs a value"
+    if action.nargs == 0:  # store_true
+        return None if isinstance(v, bool) else f"expected true or false, got {v!r}"
+    kind = {int: (int,), float: (int, float)}.get(action.type, (str,))
+    if not isinstance(v, kind) or isinstance(v, bool):
+        wanted = {int: "an integer", float: "a number"}.get(action.type, "a string")
+        return f"expected {wanted}, got {json.dumps(v)}"
+    if action.choices and v not in action.choices:
+        return f"{v!r} is not one of {', '.join(map(str, action.choices))}"
+    low, high = RANGES.get(action.dest, (-math.inf, math.inf))
+    if isinstance(v, float) and not math.isfinite(v) or not isinstance(v, str) and \
+            not low <= v <= high:
+        return f"must be in [{low}, {high}], got {v}"
+    return None
 
 
 def read_system_prompt(parser, path):
@@ -302,6 +387,14 @@ def check_run(args, given, world, records):
     written: --fsdp needs torchrun, and the GLOBAL --batch-size / --mini-batch-size (all ranks
     together, as released) must split evenly -> UsageError naming the numbers. Sets a rank's
     micro-batch default: its share of a mini-batch."""
+    if not args.resume or (args.kl_coef and args.objective == "grpo"):  # it will be loaded
+        check_model(args.model)  # first: a mistyped path is not a preset's batch-size problem
+    if args.report_to == "tensorboard":
+        try:
+            importlib.import_module("torch.utils.tensorboard")  # it imports tensorboard
+        except ImportError:
+            raise UsageError("--report-to tensorboard needs the tensorboard package: "
+                             "pip install tensorboard") from None
     if args.offload and not args.fsdp:
         raise UsageError("--offload needs --fsdp")
     if args.fsdp and world == 1 and "RANK" not in os.environ:
@@ -311,9 +404,10 @@ def check_run(args, given, world, records):
         raise UsageError("--eval-every needs --eval-data FILE (JSONL with sentence1, sentence2, "
                          "score, e.g. the STS Benchmark dev split)")
 
-    def flag(k):  # "--batch-size 64 (preset release)": where a value not given came from
-        where = "" if k in given else \
-            " (the resumed run's)" if args.resume else f" (preset {args.preset})"
+    def flag(k):  # "--batch-size 64 (from the release preset)": where a value not given came from
+        where = "" if k in given else " (from the resumed run)" if args.resume else \
+            f" (from {args.config})" if k in getattr(args, "_from_config", ()) else \
+            f" (from the {args.preset} preset)"
         return f"--{k.replace('_', '-')} {getattr(args, k)}{where}"
     batch, mini = args.batch_size, args.mini_batch_size
     if batch > records:
@@ -327,6 +421,23 @@ def check_run(args, given, world, records):
         raise UsageError(f"{problem} (both count the texts of all processes together)")
     if "micro_batch_size" not in given and not args.resume:
         args.micro_batch_size = mini // world
+
+
+def check_model(name):
+    """--model names a model: a built-in, or a local folder (a path, or a name whose first part is
+    a folder here) with a config.json that parses -> else a UsageError naming it. A hub name
+    ("org/name") is left to the loading: checking it would be a download."""
+    path = os.path.expanduser(name)
+    local = name.startswith((".", "/", "~")) or os.path.exists(path) or name.count("/") > 1 or \
+        os.path.isdir(name.split("/")[0])
+    if name in ("tiny", "tiny-lm") or not local:
+        return
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UsageError(f"--model {name}: no such model folder (no {name}/config.json)")
+    try:
+        json.loads(Path(path, "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--model {name}: config.json is not valid JSON ({e})") from None
 
 
 def check_lengths(args, model, tokenizer):
@@ -379,11 +490,16 @@ def evaluate_args(argv=None):
     g.add_argument("--model", action="append",
                    help="model folder, hub name or 'tiny'; twice = compare (default: tiny)")
     g.add_argument("--baseline",
-                   help="a second model, evaluated the same way and shown side by side")
+                   help="a second model, embedded exactly as the first (rationale length, prompt, "
+                        "decoding) and shown side by side")
+    g.add_argument("--baseline-no-rationale", action="store_true",
+                   help="with --baseline: pool the baseline's prompt alone (the first model keeps "
+                        "its rationale)")
     g.add_argument("--device",
                    help="cpu, cuda, cuda:N (default: cuda if available, in bf16, else cpu)")
     g = p.add_argument_group("what to evaluate")
-    g.add_argument("--tasks", help="comma-separated mteb task names, e.g. STSBenchmark,SciFact")
+    g.add_argument("--tasks",
+                   help="comma-separated mteb task names, e.g. STSBenchmark.v2,SciFact")
     g.add_argument("--benchmark",
                    help="an mteb benchmark name, e.g. 'MTEB(eng, v1)' (the classic English MTEB), "
                         "or GRACE-release: the release's 55 tasks, split test, every language "
@@ -393,8 +509,13 @@ def evaluate_args(argv=None):
                    help="your own task: STS .jsonl | BEIR retrieval folder | classification file "
                         "or train+test folder")
     g.add_argument("--limit", type=int, help="smoke run: the first N pairs (STS), queries "
-                   "(retrieval) or rows per split (classification) of each --local task; "
-                   "refused with hub tasks, which mteb runs whole")
+                   "(retrieval: with every document judged for them, and --corpus-limit others) "
+                   "or rows per split (classification) of each --local task; refused with hub "
+                   "tasks, which mteb runs whole")
+    g.add_argument("--corpus-limit", type=int, metavar="M",
+                   help="a --local retrieval task searches its judged documents and a seeded "
+                        "sample of M others (default: with --limit as many as judged ones, else "
+                        "all; 0 = all)")
     g.add_argument("--perplexity", metavar="FILE",
                    help="also print each model's LM perplexity on these texts (one per line)")
     g.add_argument("--explain", nargs="+", metavar="TEXT",
@@ -431,17 +552,26 @@ def evaluate_args(argv=None):
     g.add_argument("--batch-size", type=int, default=16, help="texts per forward")
     g.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="static-cache + torch.compile sampler; auto = on for CUDA, off on CPU")
+    g.add_argument("--threads", type=int, default=1, help="CPU threads for torch (1 is fastest "
+                   "for small models on a busy machine; see docs/evaluation.md)")
     g = p.add_argument_group("results")
-    g.add_argument("--out", default="results",
-                   help="folder of mteb's result JSONs, reused by reruns ('' = keep none)")
+    g.add_argument("--out", default=".",
+                   help="mteb's result cache: OUT/results/MODEL/REVISION/experiments/SETTINGS/"
+                        "TASK.json, reused by reruns, read by mteb.ResultCache(OUT) ('' = keep "
+                        "none)")
     g.add_argument("--recompute", action="store_true",
                    help="ignore results already in --out, and overwrite them")
     g.add_argument("--no-progress", action="store_true",
-                   help="no progress bar (it shows on a terminal only)")
+                   help="no progress bar on a terminal, no progress line every 30 s in a log")
     args = p.parse_args(argv)
     check_ranges(p, args, dict(batch_size=(1, 2 ** 16), max_new_tokens=(0, 2 ** 17),
                                max_length=(1, 2 ** 20), neighbours=(1, 10 ** 6),
-                               seed=(0, 2 ** 63 - 1), limit=(1, 2 ** 40), temperature=(0, 100)))
+                               seed=(0, 2 ** 63 - 1), limit=(1, 2 ** 40), temperature=(0, 100),
+                               corpus_limit=(0, 2 ** 40), threads=(1, 1024)))
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out} is a file; give a folder for the results")
+    if args.baseline_no_rationale and not args.baseline:
+        p.error("--baseline-no-rationale needs --baseline MODEL")
     if args.protocol == "release" and not (args.tasks or args.benchmark or args.local or
                                            args.explain or args.perplexity):
         args.benchmark = "GRACE-release"  # the release's task list (infra/mteb_tasks.py)
@@ -453,9 +583,10 @@ def evaluate_args(argv=None):
                 "--perplexity and --limit")
     if args.corpus and not args.explain:
         p.error("--corpus is searched with --explain TEXT; without --explain it does nothing")
-    if args.limit and (args.tasks or args.benchmark):
-        p.error("--limit cuts --local tasks only; mteb's hub tasks run whole "
-                "(drop --limit or the hub tasks)")
+    if (args.limit or args.corpus_limit is not None) and (args.tasks or args.benchmark):
+        flag = "--limit" if args.limit else "--corpus-limit"
+        p.error(f"{flag} cuts --local tasks only; mteb's hub tasks run whole "
+                f"(drop {flag} or the hub tasks)")
     if args.system_prompt is not None and not args.system_prompt.strip():
         p.error("--system-prompt is empty")
     if args.device:

@@ -4,9 +4,14 @@ None of it changes a gradient. `collapse` is the one to watch: nothing in GRACE'
 pushes different texts apart (docs/reward-analysis.md), so the mean cosine between embeddings of
 different texts is logged every step.
 """
+import math
+
 import torch
 
+import policy
 from infra import fast_decode
+from infra.cli import UsageError
+from infra.mteb_tasks import DEFAULT_MAX_LENGTH
 
 
 def rationale_stats(tokenizer, ro):
@@ -101,3 +106,30 @@ def _ranks(x):
     _, inv = torch.unique(x, return_inverse=True)
     sums = torch.zeros(int(inv.max()) + 1, dtype=x.dtype).index_add_(0, inv, ranks)
     return (sums / torch.bincount(inv))[inv]
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, texts, batch_size=16, max_length=DEFAULT_MAX_LENGTH):
+    """exp(mean negative log-likelihood per token) of plain texts, teacher-forced: each text as is
+    (no chat template, the tokenizer's special tokens, no EOS) cut to max_length; every token but
+    the first is scored, the mean is over all scored tokens."""
+    device = next(model.parameters()).device
+    ids = tokenizer([str(t) for t in texts], add_special_tokens=True, truncation=True,
+                    max_length=max_length)["input_ids"]
+    nll, count = 0.0, 0
+    for s in range(0, len(ids), batch_size):
+        rows = ids[s:s + batch_size]
+        width = max(len(r) for r in rows)
+        seqs = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(seqs)
+        for i, r in enumerate(rows):  # left-padded, as everywhere in the project
+            seqs[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
+        scored = mask.clone()
+        firsts = width - torch.tensor([len(r) for r in rows])
+        scored[torch.arange(len(rows)), firsts] = 0  # each text's first token has no prefix
+        logp = policy.token_logprobs(model, seqs.to(device), mask.to(device), scored.to(device))
+        nll -= logp.double().sum().item()
+        count += int(scored.sum())
+    if count == 0:
+        raise UsageError("perplexity: no text has two or more tokens")
+    return math.exp(nll / count)

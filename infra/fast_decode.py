@@ -31,11 +31,12 @@ PROMPT_BUCKET = 64  # the cache length is padded to a multiple of this: few shap
 def static_step(model, compile=True):
     """-> a decode step for rollout.sample on a StaticCache, the decode forward compiled
     (compile=False: the same fixed shapes, eager).
-    step(ids, mask, positions, cache, width) -> (logits (B, V), cache).
+    step(ids, mask, positions, cache, width) -> (logits (B, V), hidden (B, W, H), cache).
 
     The mask rollout.sample hands in is its (B, L) buffer, zeros past the positions written; it
     goes to the model whole (a static cache attends over all L slots), left-padded to a multiple of
-    PROMPT_BUCKET when compiled. At the prefill (cache None) the cache is made at that length.
+    PROMPT_BUCKET when compiled. At the prefill (cache None) the cache is made at that length, for
+    the distinct prompts (n mask rows per prompt), then each prompt's copied to its n rows.
     """
     cuda_graphs = compile and next(model.parameters()).device.type == "cuda"
     module = forward = None
@@ -48,16 +49,31 @@ def static_step(model, compile=True):
             # this rollout's copy: under the caller's autocast, refreshed from the master
             module, forward = sampling_model(model, compile)
             cache = StaticCache(config=module.config, max_cache_len=mask.shape[1])
-            out = module(input_ids=F.pad(input_ids, (pad, 0)), attention_mask=mask,
+            n = len(mask) // len(input_ids)  # rows per prompt
+            out = module(input_ids=F.pad(input_ids, (pad, 0)), attention_mask=mask[::n],
                          position_ids=F.pad(position_ids, (pad, 0)), cache=cache, use_cache=True,
-                         logits_to_keep=1)
-            return out.logits[:, -1], out.cache
+                         logits_to_keep=1, output_hidden_states=-1)
+            if n > 1:
+                repeat_rows(out.cache, n)
+            return out.logits[:, -1], out.hidden_states[-1][:, pad:], out.cache
         if cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
         out = forward(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                      cache=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1], out.cache  # used before the next step (CUDA graphs reuse it)
+                      cache=cache, use_cache=True, logits_to_keep=1, output_hidden_states=-1)
+        # used before the next step (CUDA graphs reuse them)
+        return out.logits[:, -1], out.hidden_states[-1], out.cache
     return step
+
+
+def repeat_rows(cache, n):
+    """A prefilled StaticCache's row i -> rows i*n .. i*n+n-1, in place (transformers'
+    batch_repeat_interleave, which StaticCache lacks). The new tensors get the static addresses
+    that CUDA graphs need to update them in place, as the layers' own (StaticLayer)."""
+    for layer in cache.layers:
+        layer.keys, layer.values = (x.repeat_interleave(n, 0) for x in (layer.keys, layer.values))
+        layer.batch_size = layer.keys.shape[0]
+        torch._dynamo.mark_static_address(layer.keys)
+        torch._dynamo.mark_static_address(layer.values)
 
 
 def sampling_model(model, compile):

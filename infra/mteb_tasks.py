@@ -16,13 +16,17 @@ import hashlib
 import itertools
 import json
 import os
+import random
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import policy
-from infra import data
+from infra import data, encoder_inputs
 from infra.cli import RELEASE_SYSTEM_PROMPT, UsageError
 
 DEFAULT_MAX_LENGTH = 1024  # evaluate.py's prompt limit when a checkpoint has no grace.json
@@ -97,6 +101,7 @@ def checkpoint_settings(path):
         raise UsageError(f"{file}: not readable JSON ({e})") from None
     if not isinstance(settings, dict):
         raise UsageError(f"{file}: expected a JSON object")
+    encoder_inputs.check_grace_json(file, settings)
     return settings
 
 
@@ -161,8 +166,10 @@ def resolve_tasks(args, say=print):
             say(note)
     tasks += listed
     for path in args.local or []:
-        task = local_task(path, args.limit)
+        task = local_task(path, args.limit, getattr(args, "corpus_limit", None))
         task.load_data()  # read and check the file now: a bad row fails before any model loads
+        if getattr(task, "note", None):
+            say(task.note)
         tasks.append(task)
     return tasks
 
@@ -191,18 +198,70 @@ def release_split(task):
             f"{', '.join(repr(s) for s in splits)} split instead")
 
 
-def result_cache(out):
-    """mteb's ResultCache writing to OUT/MODEL/REVISION/...
-    (mteb's own would write OUT/results/MODEL/...)."""
+def result_cache(out, say=print):
+    """mteb's ResultCache on OUT, in mteb's own layout (OUT/results/MODEL/REVISION/experiments/
+    SETTINGS/TASK.json: mteb.ResultCache(OUT).load_results reads it), with two guards. Each file
+    is written whole or not at all (a kill or a full disk mid-write leaves the old one), and a
+    result that is damaged, or that scored other data than the task holds now (`revisions`: task
+    name -> its data revision, a content hash for local files), is recomputed with one line."""
     import mteb
 
     class Cache(mteb.ResultCache):
-        def get_task_result_path(self, *args, remote=False, **kwargs):
-            path = super().get_task_result_path(*args, remote=remote, **kwargs)
-            return (path if remote
-                    else self.cache_path / path.relative_to(self.cache_path / "results"))
+        revisions = {}
+
+        def load_task_result(self, task_name, model_name, *args, **kwargs):
+            path = self.get_task_result_path(task_name, model_name)
+            try:
+                result = super().load_task_result(task_name, model_name, *args, **kwargs)
+            except (OSError, ValueError, KeyError, TypeError) as e:  # JSON, pydantic errors
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+                say(f"   {task_name}: the cached result {path} is damaged ({first}); "
+                    "recomputing it", flush=True)
+                return None
+            want = self.revisions.get(task_name)
+            if result is not None and want and result.dataset_revision != want:
+                say(f"   {task_name}: its data changed since the cached result {path.name}; "
+                    "recomputing it", flush=True)
+                return None
+            return result
+
+        def save_to_cache(self, task_result, model_name, model_revision=None, **kwargs):
+            # mteb writes its three files into a staging folder beside them; each is then moved
+            # into place by os.replace (atomic), the result itself last
+            final = self.get_task_result_path(task_result.task_name, model_name, model_revision)
+            try:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(prefix=".writing-", dir=final.parent) as tmp:
+                    staging = mteb.ResultCache(tmp)
+                    staged = staging.get_task_result_path(task_result.task_name, model_name,
+                                                          model_revision)
+                    staged.parent.mkdir(parents=True, exist_ok=True)
+                    if (final.parent / "run_settings.jsonl").is_file():  # mteb merges into it
+                        shutil.copy(final.parent / "run_settings.jsonl", staged.parent)
+                    staging.save_to_cache(task_result, model_name, model_revision, **kwargs)
+                    for name in ("model_meta.json", "run_settings.jsonl", final.name):
+                        if (staged.parent / name).is_file():
+                            with open(staged.parent / name, "rb") as f:
+                                os.fsync(f.fileno())
+                            os.replace(staged.parent / name, final.parent / name)
+            except OSError as e:  # a full disk, say: the files already there stay whole
+                raise UsageError(f"{final}: could not be written ({e.strerror or e}); the "
+                                 "results already there are kept") from None
 
     return Cache(out)
+
+
+def content_hash(path):
+    """A short hash of the bytes of a file, or of every file in a folder (with their relative
+    names): a local task's data revision, so an edit files its results apart."""
+    path = Path(path)
+    digest = hashlib.sha1()
+    for f in sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()):
+        digest.update(str(f.relative_to(path) if f != path else f.name).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:12]
 
 
 def _fingerprint(files):
@@ -230,9 +289,9 @@ def model_id(name, model):
 
 # ----------------------------------------------------------------------- local files as mteb tasks
 
-def local_task(path, limit=None):
+def local_task(path, limit=None, corpus_limit=None):
     """The mteb task for a local file or folder, chosen by its layout
-    (STS, retrieval, classification)."""
+    (STS, retrieval, classification). limit, corpus_limit: --limit, --corpus-limit."""
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path}: no such file or folder")
@@ -241,7 +300,8 @@ def local_task(path, limit=None):
             splits = sorted(p.stem for p in (path / "qrels").glob("*.tsv"))
             if not splits:
                 raise UsageError(f"{path / 'qrels'}: no .tsv judgement files (qrels/SPLIT.tsv)")
-            return _local(LocalRetrieval, "Retrieval", path, splits, "ndcg_at_10", limit)
+            return _local(LocalRetrieval, "Retrieval", path, splits, "ndcg_at_10", limit,
+                          corpus_limit)
         return _local(LocalClassification, "Classification", path, ["test"], "accuracy", limit)
     rows = data.read_rows(path)
     keys = set(rows[0][1]) if rows else set()
@@ -254,22 +314,25 @@ def local_task(path, limit=None):
                      f"found {', '.join(sorted(keys)) or 'none'}")
 
 
-def _local(kind, type_name, path, splits, main_score, limit):
+def _local(kind, type_name, path, splits, main_score, limit, corpus_limit=None):
     """An instance of a fresh subclass of `kind` for this file: mteb's unload_data drops an
-    instance's own metadata, so the metadata must live on the class. --limit N is in the name:
-    results apart."""
+    instance's own metadata, so the metadata must live on the class. --limit N (and a retrieval
+    task's --corpus-limit M) are in the name: results apart."""
     from mteb.abstasks.task_metadata import TaskMetadata
 
     name = f"Local{type_name}_{path.stem}" + (f"_first{limit}" if limit else "")
+    if corpus_limit is not None and type_name == "Retrieval":
+        name += f"_docs{corpus_limit}" if corpus_limit else "_alldocs"
     metadata = TaskMetadata(
         name=name, type=type_name, main_score=main_score, eval_splits=splits,
         description=f"Local {type_name} task read from {path}", reference=None,
         eval_langs=["eng-Latn"],
         dataset={"path": str(path.resolve()),
-                 "revision": _fingerprint([path, *path.rglob("*")])},  # edit: new rev
+                 "revision": content_hash(path)},  # an edit: a new revision, results apart
         category="t2t", modalities=["text"], bibtex_citation="")
     return type(name, (kind, _mteb_base(type_name)),
-                {"metadata": metadata, "path": path, "limit": limit})()
+                {"metadata": metadata, "path": path, "limit": limit,
+                 "corpus_limit": corpus_limit, "note": None})()
 
 
 def _mteb_base(type_name):
@@ -298,23 +361,55 @@ class LocalSTS:
 
 class LocalRetrieval:
     """BEIR folder (data.load_retrieval): each qrels/SPLIT.tsv is a split; its queries are those it
-    judges. With --limit N, the first N judged queries of each split, searched among the whole
-    corpus."""
+    judges. --limit N / --corpus-limit M: retrieval_slice. `note`: the line saying what was kept
+    (None: all of it)."""
 
     def load_data(self, num_proc=None, **kwargs):
+        if self.data_loaded:  # resolve_tasks read it already
+            return
         from datasets import Dataset
         from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
 
         corpus, queries, qrels = data.load_retrieval(self.path)
-        corpus = Dataset.from_list([{"id": i, "title": t, "text": x}
-                                    for i, (t, x) in corpus.items()])
-        self.dataset = {"default": {}}
+        self.dataset, notes = {"default": {}}, []
         for split in self.metadata.eval_splits:
-            judged = dict(list(qrels[split].items())[:self.limit] if self.limit else qrels[split])
+            judged, docs, counts = retrieval_slice(qrels[split], list(corpus), self.limit,
+                                                   self.corpus_limit)
             self.dataset["default"][split] = RetrievalSplitData(
                 queries=Dataset.from_list([{"id": q, "text": queries[q]} for q in judged]),
-                corpus=corpus, relevant_docs=judged, top_ranked=None)
+                corpus=Dataset.from_list([{"id": i, "title": corpus[i][0], "text": corpus[i][1]}
+                                          for i in docs]),
+                relevant_docs=judged, top_ranked=None)
+            if counts["other"] < counts["others"] or len(judged) < len(qrels[split]):
+                notes.append(f"split {split}: {len(judged)} of {len(qrels[split])} queries, "
+                             f"their {counts['judged']} judged documents and "
+                             f"{counts['other']} of the {counts['others']} others "
+                             f"(a sample, seed {SLICE_SEED})")
+        self.note = f"{self.metadata.name}: " + "; ".join(notes) if notes else None
         self.data_loaded = True
+
+
+SLICE_SEED = 0  # the other documents a --limit run keeps: the same ones every run
+# --corpus-limit's default: this many others per judged document. 1, not 10: tiny-lm writes ~225
+# tokens for a SciFact abstract (0.33 s of one core each), so --limit 50 with 10 per judged one
+# takes minutes, with 1 well under one
+CORPUS_PER_JUDGED = 1
+
+
+def retrieval_slice(qrels, doc_ids, limit=None, corpus_limit=None, seed=SLICE_SEED):
+    """What a smoke run searches: the first `limit` judged queries (all: None), every document
+    judged for them, and a seeded sample of `corpus_limit` other documents (None: as many as the
+    judged ones with a limit, all without; 0: all). qrels {query: {doc: score}}, doc_ids in
+    corpus order -> (kept qrels, kept doc ids in corpus order, counts: judged, other, others)."""
+    kept = dict(list(qrels.items())[:limit] if limit else qrels)
+    judged = {d for docs in kept.values() for d in docs}
+    others = [d for d in doc_ids if d not in judged]
+    if corpus_limit is None:
+        corpus_limit = CORPUS_PER_JUDGED * len(judged) if limit else 0
+    sample = set(random.Random(seed).sample(others, min(corpus_limit, len(others)))
+                 if corpus_limit else others)
+    docs = [d for d in doc_ids if d in judged or d in sample]
+    return kept, docs, dict(judged=len(judged), other=len(sample), others=len(others))
 
 
 class LocalClassification:
@@ -346,22 +441,48 @@ class LocalClassification:
         self.data_loaded = True
 
 
+def result_key(encoder):
+    """The settings that change an encoder's scores: its results' experiment_kwargs, so mteb
+    files each combination apart (the SETTINGS folder). Those that cannot change a score are left
+    out, so equal runs share results: without a rationale the decoding; greedy, the seed, top-p
+    and the batch size (a text's rationale is then independent of its batch). The model's files
+    are its revision (model_id), a task's data its dataset revision (content_hash)."""
+    s = encoder.settings
+    key = dict(rationale=s["rationale"], instructions=encoder.instructions,
+               max_length=s["max_length"], normalize=s["normalize"],
+               # a short hash: names become folders
+               system_prompt=hashlib.sha1(encoder.system_prompt.encode()).hexdigest()[:10])
+    if s["rationale"]:
+        key.update(max_new_tokens=s["max_new_tokens"], temperature=s["temperature"])
+        if s["temperature"] > 0:  # sampled: one generator draws across the batches in turn
+            key.update(top_p=s["top_p"], seed=s["seed"], batch_size=s["batch_size"])
+    dtype = next(encoder.model.parameters()).dtype
+    if dtype != torch.float32:  # bf16 on GPU scores a little differently
+        key["dtype"] = str(dtype).removeprefix("torch.")
+    return key
+
+
+def describe(s, src, prompt):
+    """One line: the settings `s` that shape the embeddings, where each came from (`src`), and
+    the system prompt."""
+    prompt = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+    decoding = "given" if "given" in (src["temperature"], src["top_p"]) else src["temperature"]
+    how = "greedy" if s["temperature"] == 0 else \
+        f"temperature {s['temperature']}, top-p {s['top_p']}, seed {s['seed']}"
+    rationale = f"rationale <= {s['max_new_tokens']} tokens ({src['max_new_tokens']}), " \
+        f"{how} ({decoding})" if s["rationale"] else "no rationale"
+    pooling = "L2-normalised mean" if s["normalize"] else "raw mean, not normalised"
+    return (f"{rationale}; prompt <= {s['max_length']} tokens ({src['max_length']}); "
+            f"{pooling} ({src['normalize']}); system prompt ({src['system_prompt']}): "
+            f"{prompt!r}")
+
+
 def model_meta(encoder):
-    """mteb's ModelMeta for a GraceEncoder. Settings that change the embeddings go into
-    experiment_kwargs, so mteb files their results apart."""
+    """mteb's ModelMeta for a GraceEncoder: its name, revision and result_key."""
     from mteb.models.model_meta import ModelMeta, ScoringFunction
 
     s, model = encoder.settings, encoder.model
-    experiment = dict(rationale=s["rationale"], instructions=encoder.instructions, seed=s["seed"],
-                      **({k: s[k] for k in ("max_new_tokens", "temperature", "top_p")}
-                         if s["rationale"] else {}))
-    # these only when changed: defaults keep their folder
-    if s["max_length"] != DEFAULT_MAX_LENGTH:
-        experiment["max_length"] = s["max_length"]
-    if encoder.system_prompt != policy.DEFAULT_SYSTEM_PROMPT:  # a short hash: names become folders
-        experiment["system_prompt"] = hashlib.sha1(encoder.system_prompt.encode()).hexdigest()[:10]
-    if not s["normalize"]:
-        experiment["normalize"] = False
+    experiment = result_key(encoder)
     name, rev = model_id(encoder.name_or_path, model)
     return ModelMeta.create_empty(dict(
         name=name, revision=encoder.revision or rev,
@@ -382,9 +503,13 @@ def evaluate_model(encoder, tasks, cache, batch_size, overwrite="only-missing", 
     scores = {}
     for task in tasks:
         name, before, start = task.metadata.name, dict(encoder.stats), time.perf_counter()
+        if cache is not None:  # a cached result of other data is recomputed
+            cache.revisions[name] = task.metadata.revision
         try:
             result = mteb.evaluate(encoder, task, cache=cache, overwrite_strategy=overwrite,
-                                   encode_kwargs={"batch_size": batch_size},
+                                   # mteb's retrieval search bar reads encode_kwargs'
+                                   encode_kwargs={"batch_size": batch_size,
+                                                  "show_progress_bar": False},
                                    show_progress_bar=False)
         except (ConnectionError, DatasetNotFoundError) as e:  # offline, or a hub hiccup
             first = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -7,8 +7,14 @@ and which one to resume.
     OUT/step-N/          a checkpoint: from_pretrained-loadable model + tokenizer, and
                          trainer_state.pt (step, RNG states, ... and the optimizer state);
                          README.md when a card is given
-    OUT/final/           the export: model + tokenizer (+ README.md), no optimizer state
-    OUT/abandoned/       later checkpoints set aside when a run resumes from an earlier one
+    OUT/final/           the export of a completed run: model + tokenizer (+ README.md), no
+                         optimizer state; once a resumed run saves a later step-N, its grace.json
+                         says "stale": true, "superseded_by_step": N (until that run re-exports it)
+    OUT/abandoned/       what a run set aside, never deleted: later checkpoints when it resumes
+                         from an earlier one (with their final/); a fresh start's predecessor
+                         without checkpoints (its final/, metrics, settings); with keep_last their
+                         optimizer state is dropped (the weights stay)
+    OUT/tensorboard/     --report-to tensorboard: the metrics as event files
 
 Every write survives a kill at any moment: a folder is written as OUT/.tmp-NAME, fsynced, then
 renamed into place (a rename is atomic), so a step-N folder is always complete; a file is written
@@ -19,6 +25,9 @@ back.
 
 keep_last prunes whole checkpoints: each one kept holds its own optimizer state (AdamW: twice the
 weights), so any of them can be resumed exactly.
+
+final/ is replaced by the run that owns it only: the one that ends in this folder. Nothing else
+overwrites or deletes it: a fresh start moves it to abandoned/, a resume from a step before it too.
 """
 import errno
 import fcntl
@@ -36,7 +45,7 @@ import torch
 from tqdm import tqdm
 
 import policy
-from infra import fsdp
+from infra import console, fsdp
 from infra.cli import TrainingError, UsageError
 
 STEP = re.compile(r"step-(\d+)")
@@ -220,11 +229,13 @@ def _write_folder(out, name, model, tokenizer, card, state, files=None, state_di
     tmp, final = out / f".tmp-{name}", out / name
     try:
         shutil.rmtree(tmp, ignore_errors=True)
+        bars = logging.is_progress_bar_enabled()
         logging.disable_progress_bar()  # a "Writing model shards" bar would break the training bar
         try:
             model.save_pretrained(tmp, state_dict=state_dict)
         finally:
-            logging.enable_progress_bar()
+            if bars:  # (as it was: train.py's main turns them off for good)
+                logging.enable_progress_bar()
         tokenizer.save_pretrained(tmp)
         for file_name, text in (files or {}).items():
             (tmp / file_name).write_text(text, encoding="utf-8")
@@ -351,7 +362,7 @@ def loadable(path):
         return False, "trainer_state.pt is missing"
     # a cut-short zip fails in several ways (RuntimeError, EOFError, pickle errors)
     except Exception as e:
-        return False, f"trainer_state.pt is unreadable ({_first_line(e)})"
+        return False, f"trainer_state.pt is unreadable ({_first_line(e).split('. ')[0]})"
     match = STEP.fullmatch(path.name)
     if not isinstance(state, dict) or (match and state.get("step") != int(match[1])):
         return False, ("trainer_state.pt is for step "
@@ -391,23 +402,35 @@ def _safetensors_whole(file):
         return False
 
 
-def resume_point(out, requested="latest"):
+def resume_point(out, requested="latest", check=None):
     """-> (checkpoint to resume, [(skipped path, why)]): the newest loadable step-N, falling back
-    past broken ones; or `requested`, a checkpoint folder (a path, or a step-N name inside OUT)."""
+    past broken ones; or `requested`, a checkpoint folder (a path, or a step-N name inside OUT).
+    check(path): a deeper test (loading it), whose exception skips the checkpoint too."""
     if requested != "latest":
         path = Path(requested) if Path(requested).exists() else Path(out) / requested
-        ok, why = loadable(path)
+        ok, why = _usable(path, check)
         if not ok:
             raise CheckpointError(f"cannot resume from {requested}: {why}")
         return path, []
     skipped = []
     for path in reversed(checkpoints(out)):
-        ok, why = loadable(path)
+        ok, why = _usable(path, check)
         if ok:
             return path, skipped
         skipped.append((path, why))
     reasons = "".join(f"; {p.name}: {why}" for p, why in skipped)
     raise CheckpointError(f"no checkpoint to resume in {out}{reasons}")
+
+
+def _usable(path, check):
+    ok, why = loadable(path)
+    if ok and check is not None:
+        try:
+            check(path)
+        except Exception as e:  # whatever a corrupt file raises (json, safetensors, torch, ...)
+            return False, _first_line(e.__cause__ if isinstance(e, FileNotFoundError) and
+                                      e.__cause__ else e)
+    return ok, why
 
 
 def read_state(path):
@@ -424,22 +447,8 @@ def set_aside_after(out, step):
     """Resuming from `step`: move every later step-M to OUT/abandoned/step-M (never deleted: they
     are a run's results) -> their new paths. A name already taken there gets a suffix:
     step-M.1, step-M.2, ..."""
-    moved = []
-    for path in checkpoints(out):
-        if int(path.name[5:]) <= step:
-            continue
-        aside = Path(out) / "abandoned"
-        aside.mkdir(exist_ok=True)
-        dest, k = aside / path.name, 0
-        while dest.exists():
-            k += 1
-            dest = aside / f"{path.name}.{k}"
-        os.replace(path, dest)
-        moved.append(dest)
-    if moved:
-        _fsync(moved[0].parent)
-        _fsync(out)
-    return moved
+    return [_aside(path, Path(out) / "abandoned") for path in checkpoints(out)
+            if int(path.name[5:]) > step]
 
 
 # --------------------------------------------------------------------- starting and resuming a run
@@ -454,19 +463,88 @@ def settle(out, resumed_step=None):
     if resumed_step is not None:
         notes = [f"resuming from step {resumed_step}: the later {p.name} was moved to {p.parent}"
                  for p in set_aside_after(out, resumed_step)]
+        final_step = _final_info(out).get("step")
+        if isinstance(final_step, int) and final_step > resumed_step:  # the later run's model
+            dest = _aside(out / "final", out / "abandoned")
+            notes.append(f"resuming from step {resumed_step}: the later final/ (step {final_step})"
+                         f" was moved to {dest}")
         truncate_metrics(out, resumed_step)
         return notes
     if checkpoints(out):
         raise CheckpointError(f"{out}/ already holds a run; pass --resume to continue it, "
                               "or --out NEW_DIR")
-    leftovers = [out / name for name in ("metrics.jsonl", "config.json") if (out / name).exists()]
+    leftovers = [out / name for name in ("final", "metrics.jsonl", "config.json", "tensorboard")
+                 if (out / name).exists()]
     if not leftovers:
         return []
     aside = out / "abandoned" / time.strftime("%Y%m%d-%H%M%S")
     aside.mkdir(parents=True, exist_ok=True)
     for path in leftovers:
         os.replace(path, aside / path.name)
+    _fsync(aside), _fsync(out)
+    if (aside / "final").exists():  # a finished run whose step-N folders are gone: keep its model
+        return [f"{out}/ held an earlier run with no step-N checkpoint left to resume; its final/ "
+                f"(the model) and its files were moved to {aside}"]
     return [f"{out}/ held a run that saved no checkpoint; its files were moved to {aside}"]
+
+
+def _aside(path, folder):
+    """Move path into folder (created), as folder/NAME, NAME.1, NAME.2, ... -> its new path."""
+    folder.mkdir(exist_ok=True)
+    dest, k = folder / path.name, 0
+    while dest.exists():
+        k += 1
+        dest = folder / f"{path.name}.{k}"
+    os.replace(path, dest)
+    _fsync(folder), _fsync(path.parent)
+    return dest
+
+
+def _final_info(out):
+    """OUT/final/grace.json as a dict ({} when there is none or it is unreadable)."""
+    try:
+        info = json.loads((Path(out) / "final" / "grace.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def mark_final_stale(out, step):
+    """A checkpoint of `step` was saved after OUT/final/ was exported (a resumed run went past it):
+    final/grace.json says "stale": true, "superseded_by_step": step, so that no one takes the old
+    model for the run's result. -> final/'s step the first time it is marked, else None."""
+    info = _final_info(out)
+    if not isinstance(info.get("step"), int) or info["step"] >= step or \
+            info.get("superseded_by_step") == step:
+        return None
+    _atomic_write(Path(out) / "final" / "grace.json",
+                  json.dumps(dict(info, stale=True, superseded_by_step=step), indent=1) + "\n")
+    return None if info.get("stale") else info["step"]
+
+
+def prune_abandoned(out):
+    """keep_last bounds abandoned/ too: its checkpoints keep their weights (loadable models, never
+    deleted) and drop their optimizer state (AdamW: twice the weights) -> the folders pruned."""
+    pruned = []
+    for file in sorted((Path(out) / "abandoned").glob("**/trainer_state.pt")):
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+        except Exception:  # unreadable: not ours to fix; it stays as it is
+            continue
+        if not isinstance(state, dict) or state.get("optimizer") is None:
+            continue
+        tmp = file.with_name(f".tmp-{file.name}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(dict(state, optimizer=None), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, file)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise _error(e, file.parent, file) from None
+        pruned.append(file.parent)
+    return pruned
 
 
 def merge_settings(saved, current, given, may_change, keep_current=()):
@@ -508,7 +586,7 @@ ST_GUARD_MESSAGE = (
     "the mean of the hidden states over the text AND a rationale the model first writes, which "
     "sentence-transformers cannot compute (plain pooling gives other, wrong vectors). "
     "Embed with grace instead: "
-    "`from evaluate import GraceEncoder; GraceEncoder(FOLDER).encode(texts)`, or "
+    "`from grace import GraceEncoder; GraceEncoder(FOLDER).encode(texts)`, or "
     "`python evaluate.py --model FOLDER --tasks ...`.")
 
 
@@ -542,11 +620,11 @@ text and that rationale (the system prompt excluded). It stays a causal LM: \
 `from_pretrained` loads it.
 
 ```python
-from evaluate import GraceEncoder  # evaluate.py of the grace repository
+from grace import GraceEncoder  # pip install . in the grace repository (in a clone: evaluate)
 embeddings = GraceEncoder("path/to/this/folder").encode(["a text", "another text"])
 ```
 
-MTEB scores: `python evaluate.py --model path/to/this/folder --tasks STSBenchmark,SciFact`
+MTEB scores: `python evaluate.py --model path/to/this/folder --tasks STSBenchmark.v2,SciFact`
 
 Do not load this folder with sentence-transformers or `mteb run -m`: their plain pooling skips the
 rationale and gives other, wrong embeddings (the folder's modules.json makes them fail on purpose).
@@ -563,45 +641,106 @@ Training settings (grace.json):
 # then another run).
 RESUME_MAY_CHANGE = {"steps", "epochs", "lr", "weight_decay", "max_grad_norm", "save_every",
                      "keep_last", "eval_every", "eval_pairs", "eval_data", "log_rationales",
-                     "device", "threads", "compile"}
-NOT_SETTINGS = {"resume", "force_resume", "out", "system_prompt_file"}  # (its text is saved)
+                     "device", "threads", "compile", "report_to"}
+NOT_SETTINGS = {"resume", "force_resume", "out", "system_prompt_file", "config"}  # (prompt: saved)
 # where it runs, not what it computes: never taken from the saved run
 MACHINE = {"device", "threads", "compile"}
+# what train.py's trainer_state.pt holds (and a checkpoint must hold to be resumed)
+TRAINER_STATE = ("step", "epoch", "position", "prompts_cut", "rng", "args", "optimizer")
 
 
-def resume(args, given, rank):
-    """The state to start from -> (state, checkpoint folder or None, its trainer state or None).
-    --resume: the saved run's settings win (flags may change only RESUME_MAY_CHANGE, applied and
-    announced; anything else needs --force-resume). Without it, a folder that holds a run is
-    refused."""
+def resume(args, given, rank, world=1):
+    """The state to start from -> (state, checkpoint folder or None, its trainer state or None,
+    its (policy, tokenizer) loaded on args.device or None).
+    --resume: the newest checkpoint that loads (a broken one is skipped, named); the saved run's
+    settings win (flags may change only RESUME_MAY_CHANGE, applied and announced; anything else,
+    another KL reference model or another number of processes needs --force-resume, and is
+    announced). Without it, a folder that holds a run is refused."""
     out = Path(args.out)
-    state = dict(step=0, epoch=0, position=0, prompts_cut=0)
+    state = dict(step=0, epoch=0, position=0, prompts_cut=0, base_model=args.model)
     if not args.resume:
         if checkpoints(out):
             raise UsageError(f"{out}/ already holds a run; pass --resume to continue it, "
                              "or --out NEW_DIR")
-        return state, None, None
+        return state, None, None, None
+    found = {}
     try:
-        resume_from, skipped = resume_point(out, args.resume)
+        resume_from, skipped = resume_point(out, args.resume,
+                                            check=lambda path: _load(path, args, found))
     except CheckpointError as e:
         raise UsageError(f"--resume: {e}") from None
     for bad, why in skipped if rank == 0 else ():
         print(f"note: skipping {bad}: {why}", flush=True)
-    saved = read_state(resume_from)
+    saved = found["saved"]
     # a run saved before --system-prompt existed was trained with policy's default: it keeps it
     old = dict({"system_prompt": policy.DEFAULT_SYSTEM_PROMPT}, **saved["args"])
     may_change = set(vars(args)) if args.force_resume else RESUME_MAY_CHANGE
     merged, changed, refused = merge_settings(old, vars(args), given, may_change,
                                               keep_current=NOT_SETTINGS | MACHINE)
+    saved_world = saved.get("world", len(saved["rng"]) if saved["rng"] else world)
+    if saved_world != world and not args.force_resume:  # each rank's share of a batch changes
+        refused.append(f"the processes {saved_world} -> {world}")
     if refused:
         raise UsageError("--resume continues the saved run, which differs in: "
-                         f"{', '.join(refused)}; drop these flags, or pass --force-resume "
-                         "to apply them anyway")
+                         f"{', '.join(refused)}; drop these flags (or run it as it ran), or pass "
+                         "--force-resume to apply them anyway")
     vars(args).update(merged)
-    if changed and rank == 0:
-        print("note: resuming with changed settings: " + ", ".join(changed), flush=True)
-    state.update({k: saved[k] for k in state}, rng=saved["rng"])
-    return state, resume_from, saved
+    if "epochs" in given and "steps" not in given:
+        args.steps = None  # --epochs sets the length: the steps are recounted from it
+    state.update({k: saved[k] for k in TRAINER_STATE[:4]}, rng=saved["rng"],
+                 base_model=saved.get("base_model", old["model"]))
+    if rank == 0:
+        for note in resume_notes(args, old, changed, saved_world, world, resume_from, state):
+            print(f"note: {note}", flush=True)
+    return state, resume_from, saved, found["policy"]
+
+
+def _load(path, args, found):
+    """A checkpoint as train.py resumes it: every JSON file parses, the trainer state is whole and
+    the policy loads (weights of config.json's shapes). Raises naming the file; fills `found`."""
+    for file in sorted(Path(path).glob("*.json")):
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{file.name} is not valid JSON ({_first_line(e)})") from None
+    saved = read_state(path)
+    missing = [k for k in TRAINER_STATE if not isinstance(saved, dict) or k not in saved]
+    if missing:
+        raise CheckpointError(f"trainer_state.pt lacks {', '.join(missing)}")
+    if saved["optimizer"] is None:
+        raise CheckpointError("trainer_state.pt holds no optimizer state (pruned by --keep-last "
+                              "in abandoned/: evaluate it, or start a run from it with --model)")
+    from transformers.utils import logging
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()  # a mismatch is reported here in one line, not as a table
+    logging.disable_progress_bar()  # (nor a bar before a refusal of the settings)
+    try:
+        loaded = policy.load(path, device=args.device, seed=args.seed)
+    except RuntimeError as e:  # (transformers' table of the mismatches is silenced above)
+        raise CheckpointError("its weights do not fit its config.json (tensor shapes differ)"
+                              if "mismatch" in str(e) else _first_line(e)) from None
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+    found.update(saved=saved, policy=loaded)
+
+
+def resume_notes(args, old, changed, saved_world, world, resume_from, state):
+    """What a resume changes, one line each: flags, the KL reference model, the processes."""
+    notes = ["resuming with changed settings: " + ", ".join(changed)] if changed else []
+    if args.model != old["model"]:
+        uses = "the KL reference from here on" if args.kl_coef and args.objective == "grpo" \
+            else "not used (no KL reference: --kl-coef 0 or --objective contrastive)"
+        notes.append(f"--model {args.model} (--force-resume): the policy continues from "
+                     f"{resume_from} (trained from {state['base_model']}); {args.model} is "
+                     f"{uses}; grace.json records both")
+    if saved_world != world:
+        notes.append(f"{resume_from} was trained on {saved_world} process(es), this run has "
+                     f"{world} (--force-resume): the batch sizes are global, but each process's "
+                     "share of a rollout batch (its reward groups, token-mean and sampling seed) "
+                     "changes, and the sampling seeds start afresh")
+    return notes
 
 
 def optimizer(model, args, saved=None):
@@ -627,33 +766,65 @@ def announce(args, records, world, resume_from):
 
 
 def start(out, resumed_step, args):
-    """Settle the folder for this run (what settle() did is printed) and write its config.json."""
-    for note in settle(out, resumed_step):
+    """Settle the folder for this run (what settle() did is printed; with --keep-last the
+    optimizer state in abandoned/ is dropped) and write its config.json."""
+    notes = settle(out, resumed_step)
+    if args.keep_last:
+        notes += [f"--keep-last: {p} keeps its weights, its optimizer state was dropped"
+                  for p in prune_abandoned(out)]
+    for note in notes:
         print(f"note: {note}", flush=True)
     write_config(out, settings(args))
 
 
 def settings(args):
     """The run's resolved settings (JSON-safe): config.json and every checkpoint carry them."""
-    return {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
+    return {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS and k[0] != "_"}
 
 
-def log_step(out, bar, state, metrics, record, rationale, args):
-    """A line of metrics.jsonl, the progress bar, and every --log-rationales steps a rationale."""
-    append_metrics(out, dict(step=state["step"], epoch=state["epoch"], **metrics))
-    shown = ("reward", "kl", "loss", "accuracy", "cos_between_texts", "rationale_len",
-             "tokens_per_s")
-    bar.set_postfix({k.replace("cos_between_texts", "collapse"): f"{metrics[k]:.3g}"
-                     for k in shown if k in metrics})
-    bar.update(1)
-    if args.log_rationales and state["step"] % args.log_rationales == 0:
-        text = record.get("positive", record.get("text"))
-        tqdm.write(f"[step {state['step']}] text: {text[:200]}\n  rationale: {rationale[:400]!r}")
+class Reporter:
+    """Where each step goes: a line of metrics.jsonl; the progress bar on a terminal, else a plain
+    line every 30 s (infra/console.py); --report-to tensorboard's event files; the in-training STS
+    result (x100, as evaluate.py prints it) and every --log-rationales steps a rationale."""
+
+    def __init__(self, out, args, initial, rank):
+        self.out, self.args, self.board = Path(out), args, None
+        self.bar = console.progress_bar(total=args.steps, initial=initial, unit="step",
+                                        desc="train", disable=True if rank else None)
+        if rank == 0 and args.report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter  # cli.check_run: it is installed
+            # resumed: the events of the steps redone are purged, as metrics.jsonl's rows are
+            self.board = SummaryWriter(str(self.out / "tensorboard"),
+                                       purge_step=initial + 1 if initial else None)
+
+    def step(self, state, metrics, record, rationale):
+        step, args = state["step"], self.args
+        row = dict(step=step, epoch=state["epoch"], **metrics)
+        append_metrics(self.out, row)
+        for k, v in list(row.items())[1:] if self.board is not None else ():
+            self.board.add_scalar(k, v, step)  # every metric, as metrics.jsonl holds it
+        names = {"cos_between_texts": "collapse", "sts_dev": "sts"}
+        shown = {names.get(k, k): f"{metrics[k]:.3g}" for k in (
+            "reward", "kl", "loss", "accuracy", "cos_between_texts", "rationale_len",
+            "tokens_per_s", "sts_dev") if k in metrics}
+        self.bar.set_postfix(shown)
+        self.bar.update(1)
+        if "sts_dev" in metrics:
+            tqdm.write(f"[step {step}] STS Spearman x100 on {Path(args.eval_data).name}: "
+                       f"{metrics['sts_dev']:.1f}")
+        if args.log_rationales and step % args.log_rationales == 0:
+            text = record.get("positive", record.get("text"))
+            tqdm.write(f"[step {step}] text: {text[:200]}\n  rationale: {rationale[:400]!r}")
+
+    def close(self):
+        self.bar.close()
+        if self.board is not None:
+            self.board.close()
 
 
 def save_step(out, model, tok, opt, state, args, generator, rank, world):
     """OUT/step-N/ (rank 0 writes; every rank's RNG state goes in,
-    so each resumes its own stream)."""
+    so each resumes its own stream); a final/ it goes past is marked stale."""
     rngs = [rng_state(generator)]
     if world > 1:
         rngs = [None] * world
@@ -667,13 +838,17 @@ def save_step(out, model, tok, opt, state, args, generator, rank, world):
         if not finite:
             raise TrainingError(f"the weights are not finite at step {state['step']}: not saved "
                                 "(try a lower --lr)")
-        trainer_state = dict({k: state[k] for k in ("step", "epoch", "position", "prompts_cut")},
-                             rng=rngs, args=settings(args))
+        trainer_state = dict({k: state[k] for k in TRAINER_STATE[:4]}, rng=rngs, world=world,
+                             base_model=state["base_model"], args=settings(args))
         try:
             save(out, state["step"], model, tok, trainer_state,
                  optimizer_state=optimizer_state if args.fsdp else opt.state_dict(),
                  state_dict=weights, keep_last=args.keep_last,
-                 files=grace_files(args, state["step"]))
+                 files=grace_files(args, state))
+            old = mark_final_stale(out, state["step"])
+            if old is not None:
+                tqdm.write(f"note: {out}/final/ (step {old}) is now stale: this run went past it; "
+                           "its grace.json says so until the run ends and exports its own")
         except CheckpointError as e:
             raise TrainingError(str(e)) from None
     if world > 1:
@@ -684,7 +859,7 @@ def export(out, model, tok, state, args, rank):
     """OUT/final/: the trained model alone, loadable by from_pretrained and evaluate.py."""
     weights = fsdp.model_state(model) if args.fsdp else None  # --fsdp: gathered by every rank
     if rank == 0:
-        final = export_final(out, model, tok, files=grace_files(args, state["step"]),
+        final = export_final(out, model, tok, files=grace_files(args, state),
                              state_dict=weights)
         print(f"done: {out}/step-{state['step']} (resumable) and {final} (the model)  "
               f"metrics: {out}/metrics.jsonl")
@@ -693,12 +868,16 @@ def export(out, model, tok, state, args, rank):
                   f"{args.max_prompt_tokens}")
 
 
-def grace_files(args, step):
+def grace_files(args, state):
     """Files saved beside the weights: grace.json (how evaluate.py embeds as the policy was
-    trained), a model card, and the files that make sentence-transformers refuse it instead of
-    mis-embedding it."""
-    info = dict(base_model=args.model, preset=args.preset, step=step, objective=args.objective,
+    trained; base_model: where the policy's training started, kl_reference: the KL penalty's
+    model when that is another), a model card, and the files that make sentence-transformers
+    refuse it instead of mis-embedding it."""
+    base = state.get("base_model", args.model)
+    info = dict(base_model=base, preset=args.preset, step=state["step"], objective=args.objective,
                 max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                 max_prompt_tokens=args.max_prompt_tokens, system_prompt=args.system_prompt)
+    if args.model != base and args.kl_coef and args.objective == "grpo":
+        info["kl_reference"] = args.model
     return {"grace.json": json.dumps(info, indent=1) + "\n", "README.md": model_card(info),
             **st_guard_files()}

@@ -101,8 +101,8 @@ def test_cli_summary_table_with_baseline_and_result_files(sts_file, tmp_path, ca
     assert "diff" in text and "+0.00" in text
     assert "rationale tokens (mean)" in text and "empty rationales (%)" in text
     assert f"rationale <= {NEW} tokens (given)" in text and "system prompt (default)" in text
-    # mteb's own layout, directly under --out (mteb alone would add a results/ level), path printed
-    files = list(out.glob("grace__tiny/tiny-seed0/experiments/*/LocalSTS_sts_dev.json"))
+    # mteb's own cache layout under --out (mteb.ResultCache(out) reads it), the path printed
+    files = list(out.glob("results/grace__tiny/tiny-seed0/experiments/*/LocalSTS_sts_dev.json"))
     assert len(files) == 1 and f"results in {files[0].parent}" in text
     assert evaluate.main(argv) == 0  # a rerun reuses both results
     text = capsys.readouterr().out
@@ -351,7 +351,7 @@ def test_perplexity_matches_a_float64_hand_computation(tiny):
 
     model, tokenizer = tiny
     texts = ["A man is playing a guitar.", "Short.", "Two dogs run across a field of tall grass."]
-    ours = evaluate.perplexity(model, tokenizer, texts, batch_size=2)  # batched, left-padded
+    ours = diagnostics.perplexity(model, tokenizer, texts, batch_size=2)  # batched, left-padded
     ref = copy.deepcopy(model).double()
     nll, count = 0.0, 0
     with torch.no_grad():
@@ -383,7 +383,7 @@ def test_help_is_fast_and_shows_defaults():
     run = subprocess.run([sys.executable, "-X", "importtime", str(evaluate.__file__), "-h"],
                          capture_output=True, text=True)
     assert run.returncode == 0 and "(default: 16)" in run.stdout
-    assert "(default: results)" in run.stdout and "../shared" not in run.stdout
+    assert "(default: .)" in run.stdout and "../shared" not in run.stdout
     # -X importtime: "import time: self | cumulative | module", one line per module imported
     imported = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines()
                 if line.startswith("import time:")}
@@ -520,8 +520,7 @@ def test_cli_release_protocol_says_which_task_runs_another_split(capsys):
     lines = captured.out.splitlines()
     assert lines[0] == ("MSMARCO: the release asked for split 'test', which mteb 2.26.24 does not "
                         "define for this task; grace runs its 'dev' split instead")
-    assert lines[1].startswith("embedding settings, all models: rationale <= 2 tokens (given), "
-                               "temperature 1.0")
+    assert lines[1].startswith("== grace/tiny: rationale <= 2 tokens (given), temperature 1.0")
     assert sum("split" in line for line in lines) == 1
 
 
@@ -563,13 +562,265 @@ def test_cli_baseline_embeds_with_the_first_models_settings(tiny, sts_file, tmp_
     out = capsys.readouterr().out
     assert [e.settings["max_new_tokens"] for e in made] == [5, 5]
     assert made[0].embedding() == made[1].embedding()
-    assert out.count("embedding settings, all models: rationale <= 5 tokens (grace.json)") == 1
-    assert out.count("rationale <=") == 1
-    assert [line for line in out.splitlines() if line.startswith("== ")] == \
-        [f"== {folder.parent.name}/{folder.name}", "== grace/tiny"]
+    label = f"{folder.parent.name}/{folder.name}"
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("== ")] == \
+        [f"== {label}", "== grace/tiny"]
+    assert out.count(f"== {label}: rationale <= 5 tokens (grace.json)") == 1
+    assert out.count(f"== grace/tiny: rationale <= 5 tokens (as {label})") == 1
     assert max(e.stats["tokens"] / e.stats["texts"] for e in made) <= 5
     made.clear()  # the other way round: tiny's defaults, the checkpoint's grace.json unread
     assert evaluate.main(["--model", "tiny", "--baseline", str(folder)] + common) == 0
     assert [e.settings["max_new_tokens"] for e in made] == [256, 256]
-    assert "embedding settings, all models: rationale <= 256 tokens (default)" in \
-        capsys.readouterr().out
+    assert "== grace/tiny: rationale <= 256 tokens (default)" in capsys.readouterr().out
+
+
+# ------------------------------------------------------- bad input: model folders, grace.json, ...
+
+def _saved(tiny, folder, weights=None, tokenizer=True, **grace):
+    """tiny saved as a checkpoint folder; weights: a function to change them first."""
+    import copy
+
+    model, tok = tiny
+    if weights:
+        model = copy.deepcopy(model)
+        weights(model)
+    model.save_pretrained(folder)
+    if tokenizer:
+        tok.save_pretrained(folder)
+    if grace:
+        (folder / "grace.json").write_text(json.dumps(grace))
+    return folder
+
+
+def _nan(model):
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("nan")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("cut", "model.safetensors is missing or cut short; copy or save the model again"),
+    ("no_tokenizer", "no tokenizer (none of tokenizer.json"),
+    ("nan", "the weights hold NaN or inf values"),
+    ("string_tokens", "grace.json: field 'max_new_tokens' must be an integer >= 0, got 'many'"),
+    ("negative_tokens", "grace.json: field 'max_new_tokens' must be an integer >= 0, got -3"),
+    ("int_prompt", "grace.json: field 'system_prompt' must be a non-empty string, got 7"),
+    ("zero_prompt_tokens", "field 'max_prompt_tokens' must be an integer >= 1, got 0"),
+    ("out_is_a_file", "--out {tmp}/taken is a file; give a folder for the results"),
+])
+def test_bad_model_folders_and_settings_one_line_exit_2(case, message, tiny, tmp_path, capsys):
+    folder = tmp_path / "ckpt"
+    grace = {"string_tokens": dict(max_new_tokens="many"),
+             "negative_tokens": dict(max_new_tokens=-3), "int_prompt": dict(system_prompt=7),
+             "zero_prompt_tokens": dict(max_prompt_tokens=0)}.get(case, {})
+    _saved(tiny, folder, weights=_nan if case == "nan" else None,
+           tokenizer=case != "no_tokenizer", **grace)
+    if case == "cut":
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    (tmp_path / "taken").write_text("not a folder")
+    out = str(tmp_path / ("taken" if case == "out_is_a_file" else "results"))
+    capsys.readouterr()  # save_pretrained's progress bar
+    rc = evaluate.main(["--model", str(folder), "--explain", "A cat.", "--out", out])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and err.count("\n") == 1
+    assert err.startswith("error: ") and message.replace("{tmp}", str(tmp_path)) in err
+
+
+def test_huge_rationale_length_is_bounded_by_the_models_positions(tiny, tmp_path, capsys):
+    """max_new_tokens 10**9 in grace.json once grew to ~20 GB: now capped, with one line, to what
+    the model can attend to after the longest prompt (tiny: 4096 positions)."""
+    folder = _saved(tiny, tmp_path / "ckpt", max_new_tokens=10 ** 9)
+    capsys.readouterr()
+    assert evaluate.main(["--model", str(folder), "--explain", "A cat.",
+                          "--max-length", "4090"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ("note: rationale length 1000000000 capped to 6: the model has 4096 "
+                            "positions, the prompt may take 4090\n")
+    assert "rationale <= 6 tokens (grace.json, capped)" in captured.out
+    model, tok = tiny
+    enc = evaluate.GraceEncoder("tiny", model=model, tokenizer=tok, max_new_tokens=10 ** 9)
+    assert enc.settings["max_new_tokens"] == 4096 - 1024
+    # a prompt limit beyond the positions (GPT-2's 1024 = max_length 1024): the positions bound it
+    enc = evaluate.GraceEncoder("tiny", model=model, tokenizer=tok, max_length=5000,
+                                max_new_tokens=10 ** 6)
+    assert enc.settings["max_new_tokens"] == 4096
+    assert evaluate.GraceEncoder("tiny", model=model, tokenizer=tok, max_length=4096,
+                                 max_new_tokens=256).settings["max_new_tokens"] == 256
+
+
+def test_ctrl_c_exits_130_quietly(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "run", interrupted)
+    assert evaluate.main(["--explain", "hi"]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "Ctrl-C" in err
+
+
+def test_a_checkpoint_marked_stale_warns_once(tiny, tmp_path, capsys):
+    model, tok = tiny
+    # as train.py marks a final/ that a resumed run went past (runfolder.mark_final_stale)
+    folder = _saved(tiny, tmp_path / "final", stale=True, superseded_by_step=40, max_new_tokens=3)
+    capsys.readouterr()
+    evaluate.GraceEncoder(str(folder), model=model, tokenizer=tok)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"warning: {folder}: its grace.json says stale")
+    assert "(to step 40)" in err
+    (folder / "grace.json").write_text(json.dumps(dict(stale=False, max_new_tokens=3)))
+    evaluate.GraceEncoder(str(folder), model=model, tokenizer=tok)
+    assert capsys.readouterr().err == ""
+
+
+# ----------------------------------------------------------------------------- the Python API
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(batch_size=-1), r"batch_size must be in \[1, "),
+    (dict(batch_size=0), r"batch_size must be in \[1, "),
+    (dict(batch_size=2.5), "batch_size must be an integer, got 2.5"),
+    (dict(batch_size=True), "batch_size must be an integer, got True"),
+    (dict(temperature=-1), r"temperature must be in \[0.0, 100.0\], got -1"),
+    (dict(temperature=float("nan")), "temperature must be a finite number, got nan"),
+    (dict(top_p=0), r"top_p must be in \(0, 1\], got 0"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
+    (dict(max_new_tokens=-1), r"max_new_tokens must be in \[0, "),
+    (dict(max_length=0), r"max_length must be in \[1, "),
+    (dict(seed=-1), r"seed must be in \[0, "),
+    (dict(seed="7"), "seed must be an integer, got '7'"),
+])
+def test_python_api_refuses_bad_numbers_in_one_line(kwargs, message, tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError, match=message) as e:
+        evaluate.GraceEncoder("tiny", model=model, tokenizer=tok, **kwargs)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=message):
+        evaluate.encode_texts(model, tok, TEXTS[:2], **kwargs)
+    if "batch_size" in kwargs:
+        enc = evaluate.GraceEncoder("tiny", model=model, tokenizer=tok)
+        with pytest.raises(ValueError, match=message):
+            enc.encode(TEXTS[:2], **kwargs)
+    with pytest.raises(ValueError, match=r"threads must be in \[1, 1024\], got 0"):
+        evaluate.GraceEncoder("tiny", model=model, tokenizer=tok, threads=0)
+
+
+@pytest.fixture(scope="module")
+def st_encoder(tiny):
+    model, tok = tiny
+    return evaluate.GraceEncoder("tiny", model=model, tokenizer=tok, max_new_tokens=NEW)
+
+
+def test_sentence_transformers_arguments_are_honoured(st_encoder, tiny):
+    model, tok = tiny
+    texts = TEXTS[:3]
+    raw = evaluate.encode_texts(model, tok, texts, max_new_tokens=NEW, normalize=False)
+    unit = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+    np.testing.assert_allclose(st_encoder.encode(texts, normalize_embeddings=False), raw,
+                               atol=1e-5)
+    np.testing.assert_allclose(st_encoder.encode(texts), unit, atol=1e-5)
+    cut = st_encoder.encode(texts, truncate_dim=16)
+    np.testing.assert_allclose(cut, raw[:, :16] / np.linalg.norm(raw[:, :16], axis=1,
+                                                                  keepdims=True), atol=1e-5)
+    as_list = st_encoder.encode(texts, convert_to_numpy=False)
+    assert isinstance(as_list, list) and all(isinstance(t, torch.Tensor) for t in as_list)
+    np.testing.assert_allclose(torch.stack(as_list).numpy(), unit, atol=1e-5)
+    prompted = evaluate.encode_texts(model, tok, ["query: " + t for t in texts],
+                                     max_new_tokens=NEW)
+    np.testing.assert_allclose(st_encoder.encode(texts, prompt="query: "), prompted, atol=1e-5)
+    same = st_encoder.encode(texts, output_value="sentence_embedding", precision="float32",
+                             device="cpu", pool=None, chunk_size=None, prompt_name=None)
+    np.testing.assert_allclose(same, unit, atol=1e-5)
+
+
+def test_encode_query_and_encode_document(st_encoder, tiny):
+    model, tok = tiny
+    texts = TEXTS[:2]
+    task = "Given a claim, find documents that support it"
+    query = evaluate.encode_texts(model, tok, texts, max_new_tokens=NEW,
+                                  system_prompt=f"{policy.DEFAULT_SYSTEM_PROMPT}\nTask: {task}")
+    np.testing.assert_allclose(st_encoder.encode_query(texts, instruction=task), query, atol=1e-5)
+    plain = evaluate.encode_texts(model, tok, texts, max_new_tokens=NEW)
+    np.testing.assert_allclose(st_encoder.encode_query(texts), plain, atol=1e-5)
+    np.testing.assert_allclose(st_encoder.encode_document(texts), plain, atol=1e-5)
+    assert st_encoder.encode_document(texts[0], convert_to_tensor=True).shape == (64,)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompt_name="query"), "prompt_name: GraceEncoder has no named prompts"),
+    (dict(output_value="token_embeddings"), "output_value='token_embeddings': only"),
+    (dict(output_value=None), "output_value=None: only"),
+    (dict(precision="int8"), "precision='int8': only 'float32'"),
+    (dict(device="meta"), "device='meta': the encoder is on cpu"),
+    (dict(pool={"processes": []}), "pool / chunk_size: no multi-process encoding"),
+    (dict(chunk_size=2), "pool / chunk_size: no multi-process encoding"),
+    (dict(truncate_dim=65), "truncate_dim must be at most the embedding size 64, got 65"),
+    (dict(truncate_dim=0), r"truncate_dim must be in \[1, "),
+    (dict(normalize_embeddings="yes"), "normalize_embeddings must be True, False or None"),
+    (dict(prompt=3), "prompt must be a string, got 3"),
+])
+def test_sentence_transformers_arguments_not_supported_are_refused(kwargs, message, st_encoder):
+    with pytest.raises(ValueError, match=message) as e:
+        st_encoder.encode(TEXTS[:1], **kwargs)
+    assert "\n" not in str(e.value)
+    with pytest.raises(TypeError, match="unknown argument 'normalise'"):
+        st_encoder.encode(TEXTS[:1], normalise=True)
+
+
+def test_threads_one_by_default_none_leaves_torch_alone(tiny, monkeypatch):
+    model, tok = tiny
+    monkeypatch.setattr(torch, "get_num_threads", torch.get_num_threads)  # restored after
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        evaluate.GraceEncoder("tiny", model=model, tokenizer=tok, threads=None)
+        assert torch.get_num_threads() == 2
+        evaluate.GraceEncoder("tiny", model=model, tokenizer=tok)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert cli.evaluate_args([]).threads == 1 and cli.evaluate_args(["--threads", "2"]).threads == 2
+    with pytest.raises(SystemExit):
+        cli.evaluate_args(["--threads", "0"])
+
+
+# ----------------------------------------------------------------------------- fair comparisons
+
+def test_cli_baseline_is_embedded_exactly_as_the_model(tiny, tmp_path, capsys, monkeypatch):
+    """The checkpoint's rationale length (and prompt, decoding) is the baseline's too, whichever
+    model's folder holds a grace.json; --no-rationale applies to both, --baseline-no-rationale to
+    the baseline alone. The settings are printed once per model."""
+    made = []
+
+    class Recorded(evaluate.GraceEncoder):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(evaluate, "GraceEncoder", Recorded)
+    monkeypatch.setattr(evaluate.diagnostics, "perplexity", lambda *a, **k: 1.0)  # settings only
+    monkeypatch.setattr(evaluate.gc, "collect", lambda: 0)
+    folder = _saved(tiny, tmp_path / "ckpt", max_new_tokens=32, system_prompt="Describe.",
+                    max_prompt_tokens=512)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("A cat.\n")
+    capsys.readouterr()
+
+    def run(*flags):
+        made.clear()
+        assert evaluate.main(["--model", str(folder), "--baseline", "tiny-lm", "--perplexity",
+                              str(texts), "--out", "", *flags]) == 0
+        return capsys.readouterr().out
+
+    out = run()
+    assert made[0].embedding() == made[1].embedding()
+    assert made[1].settings["max_new_tokens"] == 32 and made[1].system_prompt == "Describe."
+    assert made[1].settings["max_length"] == 512 and made[1].settings["rationale"]
+    heads = [line for line in out.splitlines() if line.startswith("== ")]
+    assert len(heads) == 2 and out.count("rationale <=") == 2
+    assert heads[0].startswith(f"== {folder}: rationale <= 32 tokens (grace.json)")
+    assert heads[1].startswith(f"== tiny-lm: rationale <= 32 tokens (as {folder})")
+    run("--no-rationale")
+    assert [e.settings["rationale"] for e in made] == [False, False]
+    out = run("--baseline-no-rationale")
+    assert [e.settings["rationale"] for e in made] == [True, False]
+    assert made[1].settings["max_length"] == 512 and made[1].system_prompt == "Describe."
+    assert "== tiny-lm: no rationale" in out

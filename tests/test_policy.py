@@ -349,10 +349,43 @@ def test_encode_samples_with_the_step_it_is_given(tiny):
     default = policy.encode(model, tokenizer, TEXTS, max_new_tokens=5)
     given = policy.encode(model, tokenizer, TEXTS, max_new_tokens=5, step=step,
                           device=torch.device("cpu"))
-    assert calls[0] and not any(calls[1:]) and 1 < len(calls) <= 5
+    # at most 5 decode steps, one of them (or one more) feeding the last token back for its state
+    assert calls[0] and not any(calls[1:]) and 1 < len(calls) <= 6
     for field in ("sequences", "attention_mask", "completion_mask", "truncated"):
         assert torch.equal(getattr(given.rollout, field), getattr(default.rollout, field)), field
     assert torch.equal(given.embeddings, default.embeddings)
+
+
+@pytest.mark.parametrize("new, normalize", [(6, True), (6, False), (0, True)])
+def test_sampler_embeddings_and_old_logprobs_equal_the_full_forward(tiny, new, normalize):
+    """pool_from="sampler" (each prompt prefilled once, the pooled sum and log-probs kept while
+    sampling) against "forward" (prompts repeated n-fold, a second forward over the rollouts): the
+    same rollouts token for token, and the same embeddings and old log-probs in float32. Texts of
+    different lengths (left padding), rows stopping at EOS and rows cut at max_new_tokens,
+    sampled in chunks of 2 prompts (sample_rows 6 = 2 groups of 3)."""
+    from helpers import FIELDS, pick_eos
+
+    model, tokenizer = copy.deepcopy(tiny[0]), tiny[1]  # its EOS is changed below
+    texts = TEXTS + ["Tea.", "Two dogs run on the beach at dawn, chasing a red ball."]
+    kw = dict(n=3, max_new_tokens=new, temperature=1.0, top_p=0.9, normalize=normalize,
+              logprob_temperature=0.8, sample_rows=6)
+
+    def run(pool_from):
+        return policy.encode(model, tokenizer, texts, generator=torch.Generator().manual_seed(0),
+                             pool_from=pool_from, **kw)
+    if new:  # EOS ids that the rollouts emit: some rows stop early, others run to the end
+        P = policy.build_prompts(tokenizer, texts)[0].size(1)
+        model.generation_config.eos_token_id = pick_eos(run("forward").rollout.sequences[:, P:])
+    ref, ours = run("forward"), run("sampler")
+    for field in FIELDS:
+        assert torch.equal(getattr(ours.rollout, field), getattr(ref.rollout, field)), field
+    if new:
+        assert ours.rollout.truncated.any() and not ours.rollout.truncated.all()
+    assert torch.equal(ours.pool_mask, ref.pool_mask)
+    torch.testing.assert_close(ours.embeddings, ref.embeddings, rtol=1e-5, atol=1e-6)
+    norms = ours.embeddings.norm(dim=-1)
+    assert (norms - 1).abs().max() < 1e-5 if normalize else (norms - 1).abs().max() > 1e-3
+    torch.testing.assert_close(ours.logprobs, ref.logprobs, rtol=1e-5, atol=1e-5)
 
 
 def test_rationale_stats_count_tokens_before_eos_and_blank_texts_as_empty():

@@ -138,6 +138,84 @@ def test_concat_right_pads_to_the_longest_and_keeps_row_order():
     assert torch.equal(rollout.concat([a]).sequences, a.sequences)  # one chunk: as it was
 
 
+# ----------------------------------------------------------------------------- computed once
+
+def shared_vs_repeated(model, make_step, temperature, n=3):
+    """-> (the prompts repeated n-fold, sampled as n=1; each prompt once, n=n), the same seed and
+    an EOS that stops some rows early. Multinomial draws over the (B*n, V) rows in the same order,
+    so identical logits give identical tokens."""
+    ids, mask = ragged_prompts()
+    free = rollout.sample(model, ids, mask, NEW, temperature=0)  # (plain: no other shape compiles)
+    eos = pick_eos(free.sequences[:, ids.size(1):])
+
+    def run(prompts, prompt_mask, k):
+        return rollout.sample(model, prompts, prompt_mask, NEW, temperature=temperature, top_p=0.95,
+                              eos_token_id=eos, generator=torch.Generator().manual_seed(0), n=k,
+                              step=make_step())
+    return run(ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), 1), run(ids, mask, n)
+
+
+def check_shared_prefill(model, make_step, temperature, n=3):
+    repeated, shared = shared_vs_repeated(model, make_step, temperature, n)
+    for field in FIELDS:
+        assert torch.equal(getattr(shared, field), getattr(repeated, field)), field
+    rows = shared.sequences.view(-1, n, shared.sequences.size(1))  # (B, n, L)
+    differ = [not torch.equal(group[0], group[1]) for group in rows]
+    assert all(differ) if temperature else not any(differ)  # each row draws on its own copy
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "seeded"])
+def test_shared_prefill_equals_repeated_prompts(arch_model, temperature):
+    """Each prompt prefilled once, its n rows continuing from copies of its KV cache: token for
+    token the rollouts of the prompts repeated n-fold."""
+    check_shared_prefill(arch_model, lambda: rollout.plain_step(arch_model), temperature)
+
+
+def check_sampler_matches_forward(model, make_step, temperature, check_every=None, n=2):
+    """Rollout.pooled and .logprobs against policy's full forward over the finished rollouts: the
+    masked sum of its last hidden states, and token_logprobs (unfiltered, under logits / 0.7)."""
+    import policy
+
+    ids, mask = ragged_prompts()  # left padding (0, 2, 5, 1)
+    free = rollout.sample(model, ids, mask, NEW, temperature=0)
+    eos = pick_eos(free.sequences[:, ids.size(1):])  # greedy: some rows stop early, some run out
+    start = torch.tensor([1, 3, 6, 2])  # pooling starts inside each prompt
+    r = rollout.sample(model, ids, mask, NEW, temperature=temperature, top_k=20, top_p=0.8,
+                       eos_token_id=eos, generator=torch.Generator().manual_seed(1), n=n,
+                       step=make_step(), check_every=check_every, pool_start=start,
+                       logprob_temperature=0.7)
+    if not temperature:
+        assert r.truncated.any() and not r.truncated.all()
+    hidden = policy.hidden_states(model, r.sequences, r.attention_mask)  # (N, L, H)
+    pool = policy.pool_mask_from(r.attention_mask, start.repeat_interleave(n))
+    torch.testing.assert_close(r.pooled, torch.where(pool[..., None], hidden, 0.0).sum(1),
+                               rtol=1e-5, atol=1e-5)
+    want = policy.token_logprobs(model, r.sequences, r.attention_mask, r.completion_mask, 0.7)
+    torch.testing.assert_close(r.logprobs, want, rtol=1e-5, atol=1e-5)
+    assert r.logprobs[r.completion_mask == 0].eq(0).all()
+
+
+@pytest.mark.parametrize("temperature, check_every", [(0.0, None), (0.0, 4), (1.0, None)],
+                         ids=["greedy", "greedy-check-4", "seeded"])
+def test_sampler_pooled_states_and_logprobs_equal_the_full_forward(arch_model, temperature,
+                                                                    check_every):
+    """check_every 4 runs steps after the last EOS: they must add nothing."""
+    check_sampler_matches_forward(arch_model, lambda: rollout.plain_step(arch_model), temperature,
+                                  check_every)
+
+
+def test_concat_stacks_pooled_and_pads_logprobs(qwen2_model):
+    ids, mask = ragged_prompts()
+    kw = dict(temperature=0, pool_start=torch.zeros(2, dtype=torch.long), logprob_temperature=1.0)
+    a = rollout.sample(qwen2_model, ids[:2], mask[:2], NEW, **kw)
+    b = rollout.sample(qwen2_model, ids[2:], mask[2:], NEW - 3, **kw)
+    out = rollout.concat([a, b])
+    assert torch.equal(out.pooled, torch.cat([a.pooled, b.pooled]))
+    assert torch.equal(out.logprobs[:2], a.logprobs) and out.logprobs[2:, -3:].eq(0).all()
+    assert torch.equal(out.logprobs[2:, :-3], b.logprobs) and a.logprobs[:, -3:].ne(0).all()
+    assert rollout.concat([rollout.Rollout(ids, mask, mask, mask[:, 0].bool())]).pooled is None
+
+
 # ----------------------------------------------------------------------------- the distribution
 
 class FixedLogits(torch.nn.Module):
@@ -149,9 +227,10 @@ class FixedLogits(torch.nn.Module):
         self.register_buffer("fixed", logits)
 
     def forward(self, input_ids, attention_mask, position_ids, cache=None, use_cache=True,
-                logits_to_keep=0):
-        B = input_ids.size(0)
-        return SimpleNamespace(logits=self.fixed.expand(B, 1, -1), cache=cache)
+                logits_to_keep=0, output_hidden_states=None):
+        B, W = input_ids.shape
+        return SimpleNamespace(logits=self.fixed.expand(B, 1, -1), cache=cache,
+                               hidden_states=(torch.zeros(B, W, 1),))
 
 
 LOGITS = torch.tensor([2.0, 1.1, 0.4, -0.3, 1.6, -1.2, 0.8, 0.1, -2.0, 0.55])

@@ -6,6 +6,7 @@ The parser itself (infra/cli.py) is tested in tests/infra/test_cli.py, the logge
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -408,7 +409,7 @@ def test_eval_every_logs_sts_spearman_and_bad_batch_sizes_are_refused(tmp_path):
     train.main([*FAST, "--steps", "1", "--eval-every", "1", "--eval-pairs", "8",
                 "--eval-data", str(sts), "--out", str(tmp_path / "e")])
     row = json.loads((tmp_path / "e" / "metrics.jsonl").read_text())
-    assert -1 <= row["sts_dev_spearman"] <= 1
+    assert -100 <= row["sts_dev"] <= 100 and "sts_dev_spearman" not in row  # evaluate's x100
     res = run_cli(*FAST, "--batch-size", "5", "--out", str(tmp_path / "b"))
     assert res.returncode == 2 and "--batch-size 5" in res.stderr
     assert not (tmp_path / "b").exists()
@@ -890,3 +891,271 @@ def test_ctrl_c_at_any_moment_of_start_up_exits_quietly(tmp_path, after):
     _, err = proc.communicate(timeout=120)
     # 0: it had already finished
     assert proc.returncode in (0, 130) and "Traceback" not in err, err[-2000:]
+
+
+# ------------------------------------------------------------------ the run folder across runs
+
+def records_file(path, n):
+    path.write_text("".join(json.dumps({"query": f"q {i}", "positive": f"p {i} text",
+                                        "negative": f"n {i}"}) + "\n" for i in range(n)))
+    return path
+
+
+def one_line_exit(capsys, argv, code=2):
+    """train.main(argv) must exit `code` with one line on stderr -> that line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == code and err.count("\n") == 1, err
+    return err
+
+
+def test_a_fresh_start_never_replaces_a_final_it_moves_it_aside(tmp_path, capsys):
+    """Delete out/step-*, keep out/final/, rerun: the old model is kept in abandoned/ (and said
+    so), not replaced by the new run's."""
+    out = tmp_path / "run"
+    train.main([*FAST, "--steps", "2", "--out", str(out)])
+    old = weights(out / "final")
+    for step in out.glob("step-*"):
+        shutil.rmtree(step)
+    capsys.readouterr()
+    train.main([*FAST, "--steps", "2", "--seed", "1", "--out", str(out)])
+    printed = capsys.readouterr().out
+    (aside,) = out.glob("abandoned/*/final")
+    assert "no step-N checkpoint left to resume; its final/ (the model)" in printed
+    assert str(aside.parent) in printed
+    kept, new = weights(aside), weights(out / "final")
+    assert all(torch.equal(kept[k], old[k]) for k in old)
+    assert any(not torch.equal(new[k], old[k]) for k in old)  # the new run's own export
+
+
+def test_a_stopped_resume_leaves_the_old_final_marked_stale(tmp_path, monkeypatch, capsys):
+    """final/ (step 2), resumed to 6, SIGTERM during step 4: step-4 is saved and final/grace.json
+    says "stale": true, "superseded_by_step": 4; the run finished later exports a fresh one."""
+    import signal
+
+    out = tmp_path / "run"
+    train.main([*FAST, "--steps", "2", "--out", str(out)])
+    real, calls = train.rl_step, []
+
+    def step_then_signal(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # step 4
+            signal.raise_signal(signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(train, "rl_step", step_then_signal)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", "--steps", "6", "--save-every", "5", "--out", str(out)])
+    assert e.value.code == 130 and (out / "step-4").exists()
+    assert "final/ (step 2) is now stale" in capsys.readouterr().out
+    info = json.loads((out / "final" / "grace.json").read_text())
+    assert (info["step"], info["stale"], info["superseded_by_step"]) == (2, True, 4)
+    monkeypatch.setattr(train, "rl_step", real)
+    train.main(["--resume", "--steps", "6", "--out", str(out)])
+    info = json.loads((out / "final" / "grace.json").read_text())
+    assert info["step"] == 6 and "stale" not in info
+
+
+def test_keep_last_drops_the_optimizer_state_of_abandoned_checkpoints(tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main([*FAST, "--steps", "4", "--out", str(out)])
+    before = weights(out / "step-4")
+    train.main(["--resume", str(out / "step-2"), "--steps", "3", "--out", str(out)])
+    assert "step-4 keeps its weights, its optimizer state was dropped" in capsys.readouterr().out
+    state = torch.load(out / "abandoned" / "step-4" / "trainer_state.pt", weights_only=False)
+    assert state["optimizer"] is None and state["step"] == 4
+    after = weights(out / "abandoned" / "step-4")
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert adam_steps(out / "step-3") == {6}  # the kept checkpoints keep theirs
+    err = one_line_exit(capsys, ["--resume", str(out / "abandoned" / "step-4"), "--out",
+                                 str(out)])
+    assert "holds no optimizer state" in err
+
+
+def test_epochs_sets_the_length_in_every_preset_and_on_resume(tmp_path, capsys):
+    for preset in cli.PRESETS:
+        args, _ = cli.train_args(["--preset", preset, "--epochs", "3"])
+        assert args.steps is None and args.epochs == 3, preset  # train.prepare counts them
+    out, data_file = tmp_path / "run", records_file(tmp_path / "d.jsonl", 8)
+    train.main([*FAST, "--epochs", "1", "--data", str(data_file), "--out", str(out)])
+    assert [r["step"] for r in metrics(out)] == [1, 2]  # 8 records / 4: not the preset's 20
+    train.main(["--resume", "--epochs", "2", "--out", str(out)])
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
+    assert "--epochs 1 -> 2" in capsys.readouterr().out
+    err = one_line_exit(capsys, [*FAST, "--steps", "3", "--epochs", "1", "--out",
+                                 str(tmp_path / "both")])
+    assert "--steps and --epochs both set the run's length" in err
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory):
+    """A finished 4-step run (step-2, step-4, final), to copy and break."""
+    out = tmp_path_factory.mktemp("four") / "run"
+    train.main([*FAST, "--steps", "4", "--out", str(out)])
+    return out
+
+
+def break_checkpoint(folder, how):
+    if how in ("config.json", "tokenizer.json"):
+        (folder / how).write_text("{garbage")
+    elif how == "shape":  # weights of another model: config.json says twice the width
+        config = json.loads((folder / "config.json").read_text())
+        config.update(hidden_size=2 * config["hidden_size"])
+        (folder / "config.json").write_text(json.dumps(config))
+    else:  # a trainer state cut down to a dict without its RNG states
+        state = torch.load(folder / "trainer_state.pt", weights_only=False)
+        del state["rng"]
+        torch.save(state, folder / "trainer_state.pt")
+
+
+@pytest.mark.parametrize("how,why", [
+    ("config.json", "config.json is not valid JSON"),
+    ("tokenizer.json", "tokenizer.json is not valid JSON"),
+    ("shape", "its weights do not fit its config.json"),
+    ("trainer_state", "trainer_state.pt lacks rng"),
+])
+def test_resume_falls_back_past_a_checkpoint_that_does_not_load(four_steps, tmp_path, capsys,
+                                                                how, why):
+    out = tmp_path / "run"
+    shutil.copytree(four_steps, out)
+    break_checkpoint(out / "step-4", how)
+    capsys.readouterr()
+    train.main(["--resume", "--steps", "5", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert f"note: skipping {out / 'step-4'}: {why}" in printed, printed
+    assert f"from {out / 'step-2'}" in printed
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5]  # 3, 4 redone from step-2
+
+
+def test_a_changed_reference_model_or_process_count_needs_force_and_is_announced(
+        tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    train.main([*FAST, "--steps", "2", "--out", str(out)])
+    err = one_line_exit(capsys, ["--resume", "--steps", "3", "--model", "tiny-lm", "--out",
+                                 str(out)])
+    assert "--model tiny -> tiny-lm" in err and "--force-resume" in err
+    loads, real_load = [], policy.load
+    monkeypatch.setattr(policy, "load", lambda name, **k: loads.append(str(name)) or
+                        real_load(name, **k))
+    train.main(["--resume", "--steps", "3", "--model", "tiny-lm", "--force-resume", "--out",
+                str(out)])
+    assert "tiny-lm is the KL reference from here on" in capsys.readouterr().out
+    assert loads == [str(out / "step-2"), "tiny-lm"]  # the policy resumed, the reference
+    info = json.loads((out / "step-3" / "grace.json").read_text())
+    assert (info["base_model"], info["kl_reference"]) == ("tiny", "tiny-lm")  # as it was trained
+    # a checkpoint of 2 processes (its RNG states: one per rank) resumed on 1
+    state_file = out / "step-3" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=False)
+    torch.save(dict(state, rng=state["rng"] * 2, world=2), state_file)
+    err = one_line_exit(capsys, ["--resume", "--steps", "4", "--out", str(out)])
+    assert "the processes 2 -> 1" in err and "--force-resume" in err
+    train.main(["--resume", "--steps", "4", "--force-resume", "--out", str(out)])
+    assert "was trained on 2 process(es), this run has 1" in capsys.readouterr().out
+
+
+def test_a_mistyped_model_path_is_reported_before_the_presets_batch_size(tmp_path, capsys):
+    err = one_line_exit(capsys, ["--model", str(tmp_path / "no" / "model"), "--out",
+                                 str(tmp_path / "o")])
+    assert f"--model {tmp_path / 'no' / 'model'}: no such model folder" in err, err
+    err = one_line_exit(capsys, ["--preset", "release", "--out", str(tmp_path / "o")])
+    assert "--batch-size 64 (from the release preset) is more than the 40 records" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_in_training_sts_reaches_the_console_and_metrics_x100(tmp_path, capsys, monkeypatch):
+    """--eval-every: a line and the bar's postfix at each evaluation, metrics.jsonl's "sts_dev",
+    all x100: 100 x the Spearman of the step's model, recomputed with evaluate.py and scipy."""
+    import evaluate
+    from scipy.stats import spearmanr
+
+    out, sts = tmp_path / "run", sts_file(tmp_path / "sts.jsonl", pairs=6)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # a terminal: the bar is drawn
+    train.main([*FAST, "--steps", "2", "--eval-every", "2", "--eval-data", str(sts), "--out",
+                str(out)])
+    captured = capsys.readouterr()
+    row = metrics(out)[1]
+    assert "sts_dev_spearman" not in row
+    model, tok = policy.load(str(out / "step-2"))
+    pairs = [json.loads(line) for line in sts.read_text().splitlines()]
+    e = evaluate.encode_texts(model, tok, [p["sentence1"] for p in pairs] +
+                              [p["sentence2"] for p in pairs], max_new_tokens=6,
+                              temperature=0.0, batch_size=8)
+    cos = (e[:6] * e[6:]).sum(-1)
+    assert row["sts_dev"] == pytest.approx(100 * spearmanr(cos, [p["score"] for p in pairs])[0],
+                                           abs=1e-6)
+    assert f"[step 2] STS Spearman x100 on sts.jsonl: {row['sts_dev']:.1f}" in captured.out
+    assert f"sts={row['sts_dev']:.3g}" in captured.err  # the bar's postfix
+
+
+def test_without_a_terminal_a_plain_progress_line_replaces_the_bar(tmp_path, capsys,
+                                                                   monkeypatch):
+    import re
+
+    from infra import console
+
+    monkeypatch.setattr(console, "HEARTBEAT_SECONDS", 0)  # a line at every step (else every 30 s)
+    train.main([*FAST, "--steps", "3", "--out", str(tmp_path / "o")])
+    captured = capsys.readouterr()
+    lines = [line for line in captured.out.splitlines() if line.startswith("   train: ")]
+    assert len(lines) == 3, captured.out
+    for n, line in enumerate(lines, 1):
+        assert re.fullmatch(rf"   train: {n}/3 steps, \S+ steps/s, about \d+s left "
+                            r"\(reward \S+, kl \S+, .*tokens_per_s \S+.*\)", line), line
+    assert "it/s" not in captured.err  # no bar
+
+
+def test_report_to_tensorboard_writes_every_metric_and_without_it_one_line(
+        tmp_path, capsys, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    train.main([*FAST, "--steps", "2", "--report-to", "tensorboard", "--out", str(out)])
+    board = EventAccumulator(str(out / "tensorboard"))
+    board.Reload()
+    rows = metrics(out)
+    assert set(board.Tags()["scalars"]) == set(rows[0]) - {"step"}
+    for key in rows[0].keys() - {"step"}:
+        got = [(e.step, e.value) for e in board.Scalars(key)]
+        want = [(r["step"], r[key]) for r in rows]
+        assert [s for s, _ in got] == [1, 2], key
+        assert all(v == pytest.approx(w, rel=1e-6, abs=1e-7) if w is not None else math.isnan(v)
+                   for (_, v), (_, w) in zip(got, want)), key
+    for module in ("tensorboard", "torch.utils.tensorboard"):  # not installed
+        monkeypatch.setitem(sys.modules, module, None)
+    err = one_line_exit(capsys, [*FAST, "--steps", "1", "--report-to", "tensorboard", "--out",
+                                 str(tmp_path / "none")])
+    assert "--report-to tensorboard needs the tensorboard package: pip install tensorboard" in err
+    assert not (tmp_path / "none").exists()
+
+
+def test_config_relaunches_a_run_and_flags_override_it(tmp_path):
+    first = tmp_path / "first"
+    train.main([*FAST, "--steps", "1", "--lr", "1e-4", "--seed", "3", "--group-size", "3",
+                "--out", str(first)])
+    saved = json.loads((first / "config.json").read_text())
+    train.main(["--config", str(first / "config.json"), "--out", str(tmp_path / "again")])
+    assert json.loads((tmp_path / "again" / "config.json").read_text()) == saved
+    a, b = weights(first / "step-1"), weights(tmp_path / "again" / "step-1")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same run, bit for bit
+    train.main(["--config", str(first / "config.json"), "--lr", "5e-5", "--out",
+                str(tmp_path / "other")])
+    assert json.loads((tmp_path / "other" / "config.json").read_text()) == dict(saved, lr=5e-5)
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{not json", "not valid JSON"),
+    ('{"lrr": 0.1}', "unknown key 'lrr' (did you mean 'lr'?)"),
+    ('{"lr": "fast"}', "key 'lr': expected a number, got \"fast\""),
+    ('{"lr": 5}', "key 'lr': must be in [0, 1], got 5"),
+    ('{"reward": "best"}', "key 'reward': 'best' is not one of"),
+    ('[1, 2]', "not a JSON object of settings"),
+])
+def test_a_bad_config_file_is_one_line_naming_it_and_the_key(tmp_path, capsys, content,
+                                                              message):
+    path = tmp_path / "config.json"
+    path.write_text(content)
+    err = one_line_exit(capsys, ["--config", str(path), "--out", str(tmp_path / "o")])
+    assert f"--config {path}: {message}" in err, err
+    assert not (tmp_path / "o").exists()

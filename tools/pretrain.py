@@ -28,14 +28,19 @@ sequences, about 2M tokens). On a busy machine keep it to one thread: two OpenMP
 share cores with other jobs were 8x slower here. Rerun (deterministic from --seed, for a given
 thread count):
 
-    OMP_NUM_THREADS=1 python tools/pretrain.py --data-dir DIR      # -> models/tiny-lm/
+    OMP_NUM_THREADS=1 python tools/pretrain.py --data-dir DIR      # -> out/tiny-lm/
+    OMP_NUM_THREADS=1 python tools/pretrain.py --data-dir DIR --out models/tiny-lm  # shipped
+
+The build is written beside --out in a hidden temporary folder and renamed into place only once
+it is complete (weights, tokenizer, metrics and card together): a bad flag, a diverging loss or a
+kill leaves the folder that was there as it was.
 """
-import argparse
 import json
 import math
 import random
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,21 +53,31 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import policy  # noqa: E402
-from infra import data, tiny  # noqa: E402
+from infra import cli, data, runfolder, tiny  # noqa: E402
 
 CORPUS_FILES = ("wordnet_examples.txt", "wordnet_glosses.txt")
 LICENSE_FILE = "WORDNET_LICENSE_debian_copyright"
 
 
+# flag: (lowest allowed, highest allowed); float flags must also be finite (cli.check_ranges)
+RANGES = dict(seed=(0, 2**32 - 1), max_lines=(0, 1 << 40), heldout_lines=(1, 1 << 30),
+              vocab_size=(259, 1 << 20), hidden=(2, 1 << 16), layers=(1, 1024), heads=(1, 1024),
+              kv_heads=(1, 1024), ffn=(1, 1 << 20), steps=(1, 1 << 40), batch_size=(1, 1 << 20),
+              seq_len=(2, 1 << 16), chat_share=(0, 1), restate_words=(1, 1 << 20), lr=(0, 1),
+              warmup=(0, 1 << 40), weight_decay=(0, 1), log_every=(1, 1 << 40))
+MIN_LINES = 20  # a tenth of them is held out: at least 2 lines to measure perplexity on
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.Parser(prog="tools/pretrain.py", description=__doc__.split("\n")[0],
+                   formatter_class=cli.HelpFormatter)
     p.add_argument("--data-dir", default=None, metavar="DIR",
                    help=f"folder with the WordNet 3.0 files {' and '.join(CORPUS_FILES)} "
                         f"and {LICENSE_FILE} "
                         "(needed: there is no default; relative to the repo root)")
-    p.add_argument("--out", default="models/tiny-lm",
-                   help="output folder (relative to the repo root)")
+    p.add_argument("--out", default="out/tiny-lm",
+                   help="output folder (relative to the repo root); a previous build there is "
+                        "replaced once the new one is complete; models/tiny-lm is the shipped one")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the split, the data order and the init")
     p.add_argument("--max-lines", type=int, default=0,
@@ -70,7 +85,7 @@ def parse_args(argv=None):
     p.add_argument("--heldout-lines", type=int, default=2000,
                    help="lines kept out for the held-out perplexity")
     p.add_argument("--vocab-size", type=int, default=4096,
-                   help="BPE vocabulary size, special tokens included")
+                   help="BPE vocabulary size, special tokens and the 256 bytes included")
     p.add_argument("--hidden", type=int, default=128, help="hidden size")
     p.add_argument("--layers", type=int, default=4, help="number of decoder layers")
     p.add_argument("--heads", type=int, default=4, help="attention heads")
@@ -91,7 +106,13 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
     p.add_argument("--log-every", type=int, default=10,
                    help="steps between loss records in metrics.jsonl")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    cli.check_ranges(p, args, RANGES)
+    if args.hidden % (2 * args.heads):  # rotary embeddings need an even head size
+        p.error(f"--hidden {args.hidden} must be a multiple of 2 x --heads {args.heads}")
+    if args.heads % args.kv_heads:
+        p.error(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
+    return args
 
 
 # ----------------------------------------------------------------------------- data
@@ -244,6 +265,9 @@ def train(model, tokenizer, lines, args, metrics_file):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, args)
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            if not math.isfinite(loss.item()):  # diverged: later steps would only spread the NaN
+                raise cli.TrainingError(f"step {step}: the loss is {loss.item()}; nothing saved "
+                                        "(try a lower --lr)")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -282,7 +306,7 @@ def heldout_perplexity(model, tokenizer, lines, seq_len, batch_size=32):
 
 def save(model, tokenizer, out, data_dir, summary, argv):
     """Weights in bfloat16 (policy.load casts back to float32), tokenizer, licence notice,
-    model card."""
+    model card; into `out`, the temporary folder that replace_folder renames into place."""
     model.to(torch.bfloat16).save_pretrained(out)
     model.to(torch.float32)
     tokenizer.save_pretrained(out)
@@ -344,41 +368,87 @@ thread count):
 """
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    # an absolute path stays as it is
-    data_dir = None if args.data_dir is None else ROOT / args.data_dir
+def check_inputs(args):
+    """-> (data folder, output folder), or a UsageError: the WordNet files must be there, and --out
+    must be new, empty or an earlier build (anything else in it would be lost on replacing it)."""
     needed = [*CORPUS_FILES, LICENSE_FILE]
-    missing = needed if data_dir is None else [n for n in needed if not (data_dir / n).is_file()]
-    if missing:  # one line, not a traceback
-        where = (f"{data_dir} has no {', '.join(missing)}" if data_dir
-                 else "give --data-dir, the folder holding them")
-        print(f"pretrain.py needs the WordNet 3.0 example sentences and glosses "
-              f"({', '.join(needed)}): {where}", file=sys.stderr)
-        sys.exit(2)
+    if args.data_dir is None:
+        raise cli.UsageError(f"pretrain.py needs the WordNet 3.0 example sentences and glosses "
+                             f"({', '.join(needed)}): give --data-dir, the folder holding them")
+    data_dir = ROOT / args.data_dir  # an absolute path stays as it is
+    missing = [n for n in needed if not (data_dir / n).is_file()]
+    if missing:
+        raise cli.UsageError(f"pretrain.py needs the WordNet 3.0 example sentences and glosses "
+                             f"({', '.join(needed)}): {data_dir} has no {', '.join(missing)}")
+    out = ROOT / args.out
+    if out.exists() and not out.is_dir():
+        raise cli.UsageError(f"--out {out} is a file")
+    if out.is_dir() and any(out.iterdir()) and not (out / "WORDNET_LICENSE").is_file():
+        raise cli.UsageError(f"--out {out} holds files that are not a pretrain.py build; "
+                             "give another --out")
+    return data_dir, out
+
+
+def replace_folder(tmp, out):
+    """Make the complete build `tmp` the folder `out`: durable first, then renamed over (the old
+    one moved aside and deleted only once the new one is in place, as checkpoints are)."""
+    for p in [tmp, *tmp.rglob("*")]:  # mkdtemp and safetensors write 0700 / 0600
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    runfolder.fsync_tree(tmp)
+    runfolder._swap_in(tmp, out)
+
+
+def build(args, argv):
+    data_dir, out = check_inputs(args)
+    lines = read_lines(data_dir, args.max_lines)
+    if len(lines) < MIN_LINES:  # (an empty corpus would never fill a batch)
+        raise cli.UsageError(f"{data_dir}: {len(lines)} distinct lines in "
+                             f"{' and '.join(CORPUS_FILES)}; pretrain.py needs {MIN_LINES}")
     torch.manual_seed(args.seed)
-    out = (ROOT / args.out) if not Path(args.out).is_absolute() else Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    train_lines, held = split_lines(read_lines(data_dir, args.max_lines), args.heldout_lines,
-                                    args.seed)
+    train_lines, held = split_lines(lines, args.heldout_lines, args.seed)
     tokenizer = build_tokenizer(tokenizer_corpus(train_lines, args.restate_words), args.vocab_size)
     model = build_model(tokenizer, args)
     params = sum(p.numel() for p in model.parameters())
     print(f"{len(train_lines):,} train lines, {len(held):,} held out; vocab {len(tokenizer)}; "
           f"{params:,} parameters")
-    metrics_file = out / "metrics.jsonl"
-    metrics_file.unlink(missing_ok=True)
-    summary = train(model, tokenizer, train_lines, args, metrics_file)
-    model.to(torch.bfloat16).to(torch.float32)  # measure the weights as they will be shipped
-    summary.update(params=params, vocab=len(tokenizer), hidden=args.hidden, layers=args.layers,
-                   steps=args.steps, batch_size=args.batch_size,
-                   train_lines=len(train_lines), heldout_lines=len(held),
-                   heldout_ppl=heldout_perplexity(model, tokenizer, held, args.seq_len))
-    with open(metrics_file, "a") as f:
-        f.write(json.dumps({"final": True, **summary}) + "\n")
-    save(model, tokenizer, out, data_dir, summary, argv if argv is not None else sys.argv[1:])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # the build goes beside --out, hidden, and replaces it only when complete: a failure or a
+    # kill leaves the old folder whole (a SIGKILL also leaves this .tmp-* folder behind)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    try:
+        summary = train(model, tokenizer, train_lines, args, tmp / "metrics.jsonl")
+        model.to(torch.bfloat16).to(torch.float32)  # measure the weights as they will be shipped
+        summary.update(params=params, vocab=len(tokenizer), hidden=args.hidden,
+                       layers=args.layers, steps=args.steps, batch_size=args.batch_size,
+                       train_lines=len(train_lines), heldout_lines=len(held),
+                       heldout_ppl=heldout_perplexity(model, tokenizer, held, args.seq_len))
+        if not (math.isfinite(summary["heldout_ppl"]) and runfolder.is_finite_state(model)):
+            raise cli.TrainingError("the trained weights are not finite; nothing saved "
+                                    "(try a lower --lr)")
+        with open(tmp / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"final": True, **summary}) + "\n")
+        save(model, tokenizer, tmp, data_dir, summary, argv)
+        replace_folder(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(summary))
+    print(f"wrote {out}")
     return model, tokenizer, summary
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    try:
+        return build(args, argv)
+    except (cli.UsageError, data.DataError) as e:  # one line, not a traceback; nothing written
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except cli.TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:  # the temporary build is already gone; --out is as it was
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -135,14 +135,14 @@ def test_system_prompt_and_its_file_exclude_each_other_and_an_empty_one_is_refus
 # ----------------------------------------------------------------------------- global batch sizes
 
 @pytest.mark.parametrize("argv,world,records,message", [
-    ([], 3, 1000, "--batch-size 64 (preset release) does not split over 3 processes"),
+    ([], 3, 1000, "--batch-size 64 (from the release preset) does not split over 3 processes"),
     (["--mini-batch-size", "6"], 4, 1000, "--mini-batch-size 6 does not split over 4 processes"),
     (["--mini-batch-size", "24"], 1, 1000,
-     "--batch-size 64 (preset release) is not a whole number of mini-batches of "
+     "--batch-size 64 (from the release preset) is not a whole number of mini-batches of "
      "--mini-batch-size 24"),
     (["--batch-size", "48", "--mini-batch-size", "32"], 2, 1000,
      "--batch-size 48 is not a whole number of mini-batches of --mini-batch-size 32"),
-    ([], 1, 10, "--batch-size 64 (preset release) is more than the 10 records"),
+    ([], 1, 10, "--batch-size 64 (from the release preset) is more than the 10 records"),
 ])
 def test_batch_sizes_that_do_not_split_are_refused_naming_the_numbers(argv, world, records,
                                                                       message):

@@ -11,6 +11,7 @@ import rollout
 from helpers import make_arch_model
 from infra import fast_decode
 from helpers import FIELDS, NEW, check_masks, first_hit, hf_greedy, pick_eos, ragged_prompts
+from test_rollout import check_sampler_matches_forward, check_shared_prefill
 
 
 def static(model):
@@ -75,7 +76,31 @@ def test_static_step_seed_reproduces_rollout_and_the_plain_paths_draws(qwen2_mod
         assert torch.equal(getattr(a, field), getattr(lagged, field))
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "seeded"])
+def test_static_step_shared_prefill_equals_repeated_prompts(arch_model, temperature):
+    """Each prompt prefilled once into the static cache, copied to its n rows: token for token the
+    rollouts of the prompts repeated n-fold (tests/test_rollout.py checks the plain step)."""
+    check_shared_prefill(arch_model, lambda: static(arch_model), temperature)
+
+
+@pytest.mark.parametrize("temperature, check_every", [(0.0, 4), (1.0, None)])
+def test_static_step_pooled_states_and_logprobs_equal_the_full_forward(arch_model, temperature,
+                                                                       check_every):
+    check_sampler_matches_forward(arch_model, lambda: static(arch_model), temperature, check_every)
+
+
 # ----------------------------------------------------------------------------- the compiled step
+
+@pytest.mark.slow
+def test_compiled_step_shares_the_prefill_and_keeps_pooled_states_and_logprobs():
+    """The compiled step (a bucket-padded prefill, CUDA-graph-ready copies of the cache): the
+    repeated prompts' tokens, and the full forward's pooled states and log-probs. 12 rows
+    throughout: one decode graph compiles."""
+    model, graphs = make_arch_model("qwen2"), fast_decode.compilations()  # its own compiled step
+    check_shared_prefill(model, lambda: fast_decode.static_step(model), 1.0, n=3)
+    check_sampler_matches_forward(model, lambda: fast_decode.static_step(model), 0.0, 4, n=3)
+    assert fast_decode.compilations() - graphs == 1
+
 
 @pytest.mark.slow
 def test_compiled_path_matches_generate_and_plain_path(arch_model):
@@ -111,10 +136,10 @@ def test_compiled_step_pads_to_a_bucket_and_compiles_once_per_bucket():
     P = ids.size(1)
     full = torch.cat([mask, torch.zeros(len(ids), NEW, dtype=mask.dtype)], 1)  # sample's buffer
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    _, cache = step(ids, full, positions, None, P)  # the prefill makes the cache
+    _, _, cache = step(ids, full, positions, None, P)  # the prefill makes the cache
     slots = cache.get_max_length()
     assert slots % bucket == 0 and P + NEW <= slots < P + NEW + bucket  # the next multiple
-    assert static(model)(ids, full, positions, None, P)[1].get_max_length() == P + NEW
+    assert static(model)(ids, full, positions, None, P)[2].get_max_length() == P + NEW
 
     first = rollout.sample(model, ids, mask, NEW, temperature=0,
                            step=fast_decode.static_step(model))

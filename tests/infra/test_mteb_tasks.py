@@ -184,11 +184,11 @@ def test_model_id_is_one_revision_per_checkpoint(tiny, tmp_path):
     assert mteb_tasks.model_id("someone/some-model", model)[0] == "someone/some-model"
 
 
-def test_result_cache_files_results_directly_under_out(encoder, tmp_path):
-    cache = mteb_tasks.result_cache(tmp_path / "results")
+def test_result_cache_files_results_in_mtebs_own_layout(encoder, tmp_path):
+    cache = mteb_tasks.result_cache(tmp_path / "cache")
     path = cache.get_task_result_path("LocalSTS_x", encoder.mteb_model_meta)
-    rel = path.relative_to(tmp_path / "results")
-    assert rel.parts[:3] == ("grace__tiny", "tiny-seed0", "experiments")
+    rel = path.relative_to(tmp_path / "cache")
+    assert rel.parts[:4] == ("results", "grace__tiny", "tiny-seed0", "experiments")
     assert rel.name == "LocalSTS_x.json"
 
 
@@ -250,8 +250,12 @@ def test_model_meta_files_settings_apart(encoder):
     assert meta.name == "grace/tiny" and meta.embed_dim == encoder.model.config.hidden_size
     assert meta.max_tokens == mteb_tasks.DEFAULT_MAX_LENGTH
     assert meta.n_parameters == sum(p.numel() for p in encoder.model.parameters())
-    assert meta.experiment_kwargs == dict(rationale=True, instructions=False, seed=0,
-                                          max_new_tokens=NEW, temperature=0.0, top_p=1.0)
+    # greedy: neither the seed, top-p nor the batch size can change a score
+    import hashlib
+    prompt_hash = hashlib.sha1(encoder.system_prompt.encode()).hexdigest()[:10]
+    assert meta.experiment_kwargs == dict(rationale=True, instructions=False, max_new_tokens=NEW,
+                                          temperature=0.0, max_length=1024, normalize=True,
+                                          system_prompt=prompt_hash)
     other = evaluate.GraceEncoder("tiny", model=encoder.model, tokenizer=encoder.tokenizer,
                                   system_prompt="Describe.", max_length=256, max_new_tokens=NEW)
     kwargs = other.mteb_model_meta.experiment_kwargs
@@ -354,14 +358,13 @@ def test_release_protocol_leaves_mtebs_benchmark_objects_alone():
         mteb_tasks.resolve_tasks(_args(benchmark="GRACE-relase"))
 
 
-def test_model_meta_files_raw_means_apart_only_when_asked(encoder):
+def test_model_meta_files_raw_means_apart(encoder):
     raw = evaluate.GraceEncoder("tiny", model=encoder.model, tokenizer=encoder.tokenizer,
                                 max_new_tokens=NEW, normalize=False)
     assert raw.mteb_model_meta.experiment_kwargs["normalize"] is False
     assert raw.mteb_model_meta.experiment_name != encoder.mteb_model_meta.experiment_name
     unit = evaluate.GraceEncoder("tiny", model=encoder.model, tokenizer=encoder.tokenizer,
                                  max_new_tokens=NEW, normalize=True)
-    assert "normalize" not in unit.mteb_model_meta.experiment_kwargs  # the default keeps its folder
     assert unit.mteb_model_meta.experiment_name == encoder.mteb_model_meta.experiment_name
 
 
@@ -378,3 +381,120 @@ def test_embedding_settings_by_protocol(tmp_path):
     assert mteb_tasks.embedding_settings(tmp_path, "release")[0]["normalize"] is False
     with pytest.raises(UsageError, match="unknown protocol 'paper'"):
         mteb_tasks.embedding_settings(tmp_path, "paper")
+
+
+# ------------------------------------------------- the result cache: its key, whole files, damage
+
+def _encoder(encoder, **kw):
+    return evaluate.GraceEncoder("tiny", model=encoder.model, tokenizer=encoder.tokenizer,
+                                 **dict(dict(max_new_tokens=NEW, batch_size=8), **kw))
+
+
+def test_result_key_holds_every_setting_that_changes_a_score(encoder):
+    """Each of these changes the embeddings, so each gets its own SETTINGS folder; the seed,
+    top-p and batch size only when sampling, and the decoding not at all without a rationale."""
+    import policy
+
+    base = _encoder(encoder).mteb_model_meta.experiment_name
+    changed = [dict(max_new_tokens=NEW + 1), dict(temperature=1.0), dict(normalize=False),
+               dict(rationale=False), dict(system_prompt="Describe."), dict(max_length=512),
+               dict(instructions=True)]
+    names = [_encoder(encoder, **kw).mteb_model_meta.experiment_name for kw in changed]
+    assert base not in names and len(set(names)) == len(names)
+    greedy = [_encoder(encoder, **kw).mteb_model_meta.experiment_name
+              for kw in (dict(batch_size=5), dict(seed=3), dict(top_p=0.5))]
+    assert set(greedy) == {base}  # greedy: a text's rationale depends on none of them
+    sampled = dict(temperature=1.0, batch_size=32)
+    name = _encoder(encoder, **sampled).mteb_model_meta.experiment_name
+    others = [_encoder(encoder, **dict(sampled, **kw)).mteb_model_meta.experiment_name
+              for kw in (dict(batch_size=5), dict(seed=3), dict(top_p=0.5))]
+    assert name not in others and len(set(others)) == 3
+    alone = [_encoder(encoder, rationale=False, **kw).mteb_model_meta.experiment_name
+             for kw in (dict(), dict(temperature=1.0, batch_size=5), dict(max_new_tokens=3))]
+    assert len(set(alone)) == 1
+    # the protocol is not a setting of its own: the same settings reached either way share
+    release = _encoder(encoder, protocol="release", max_new_tokens=NEW, temperature=0.0,
+                       normalize=True, system_prompt=policy.DEFAULT_SYSTEM_PROMPT)
+    assert release.mteb_model_meta.experiment_name == base
+
+
+def _pairs(path, scores):
+    rows = [{"sentence1": f"a cat {i}", "sentence2": f"a dog {i}", "score": s}
+            for i, s in enumerate(scores)]
+    return _write(path, rows)
+
+
+def _run(encoder, path, cache, lines):
+    task = mteb_tasks.local_task(path)
+    task.load_data()
+    return mteb_tasks.evaluate_model(encoder, [task], cache, 8,
+                                     say=lambda line, **k: lines.append(line))
+
+
+def test_result_cache_recomputes_an_edited_file_and_a_damaged_result(encoder, tmp_path):
+    lines = []
+    cache = mteb_tasks.result_cache(tmp_path / "cache", say=lambda line, **k: lines.append(line))
+    path = _pairs(tmp_path / "pairs.jsonl", [1.0, 2.0, 3.0, 4.0])
+    first = _run(encoder, path, cache, lines)
+    assert "(cached)" not in lines[-1]
+    assert _run(encoder, path, cache, lines) == pytest.approx(first, abs=1e-6)  # rounded JSON
+    assert "(cached)" in lines[-1]
+    # an edit that keeps the file's size: the old score must not come back
+    _pairs(path, [4.0, 3.0, 2.0, 1.0])
+    lines.clear()
+    edited = _run(encoder, path, cache, lines)
+    assert "its data changed since the cached result" in lines[0]
+    assert "(cached)" not in lines[-1] and edited != pytest.approx(first, abs=1e-3)
+    # a result file cut to 0 bytes (a kill, a full disk): one line, then recomputed and rewritten
+    result = cache.get_task_result_path("LocalSTS_pairs", encoder.mteb_model_meta)
+    result.write_text("")
+    lines.clear()
+    assert _run(encoder, path, cache, lines) == pytest.approx(edited, abs=1e-6)
+    assert len(lines) == 2 and "is damaged" in lines[0] and "recomputing it" in lines[0]
+    assert json.loads(result.read_text())["task_name"] == "LocalSTS_pairs"
+
+
+def test_result_files_are_written_whole_or_not_at_all(encoder, tmp_path, monkeypatch):
+    """A disk that fills up while mteb writes a result leaves the previous file as it was."""
+    import mteb.results.task_result as task_result
+
+    lines = []
+    cache = mteb_tasks.result_cache(tmp_path / "cache", say=lambda line, **k: lines.append(line))
+    path = _pairs(tmp_path / "pairs.jsonl", [1.0, 2.0, 3.0, 4.0])
+    _run(encoder, path, cache, lines)
+    result = cache.get_task_result_path("LocalSTS_pairs", encoder.mteb_model_meta)
+    before = result.read_bytes()
+
+    def full_disk(obj, f, **kw):
+        f.write('{"dataset_revision": "')
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(task_result.json, "dump", full_disk)
+    task = mteb_tasks.local_task(path)
+    task.load_data()
+    with pytest.raises(UsageError, match="could not be written .No space left on device.; the "
+                                         "results already there are kept"):
+        mteb_tasks.evaluate_model(encoder, [task], cache, 8, overwrite="always",
+                                  say=lambda *a, **k: None)
+    assert result.read_bytes() == before
+    assert sorted(p.name for p in result.parent.iterdir()) == [  # no staging folder left
+        "LocalSTS_pairs.json", "model_meta.json", "run_settings.jsonl"]
+
+
+def test_mtebs_own_result_cache_reads_graces_results(encoder, tmp_path):
+    """The documented call (docs/evaluation.md) returns the scores evaluate.py printed."""
+    import mteb
+
+    path = _pairs(tmp_path / "pairs.jsonl", [1.0, 2.0, 3.0, 4.0])
+    scores = _run(encoder, path, mteb_tasks.result_cache(tmp_path / "cache", say=print), [])
+    results = mteb.ResultCache(cache_path=tmp_path / "cache").load_results(
+        models=["grace/tiny"], tasks=["LocalSTS_pairs"], load_experiments="match_name")
+    [model] = results.model_results
+    assert (model.model_name, model.model_revision) == ("grace/tiny", "tiny-seed0")
+    assert model.experiment_name == encoder.mteb_model_meta.experiment_name
+    [task] = model.task_results
+    assert task.get_score() == pytest.approx(scores["LocalSTS_pairs"], abs=1e-6)
+    by_meta = mteb.ResultCache(cache_path=tmp_path / "cache").load_results(
+        models=[encoder.mteb_model_meta], tasks=["LocalSTS_pairs"])  # mteb's default: kwargs
+    assert [t.get_score() for m in by_meta.model_results for t in m.task_results] == \
+        [task.get_score()]

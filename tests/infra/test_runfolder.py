@@ -395,6 +395,78 @@ def test_set_aside_after_moves_never_deletes(tmp_path, tiny):
     assert runfolder.set_aside_after(tmp_path, 1) == []
 
 
+def final_at(out, tiny, step):
+    """OUT/final/ as train.py exports it: with a grace.json of `step`."""
+    model, tok = tiny
+    info = json.dumps({"base_model": "tiny", "step": step}) + "\n"
+    return runfolder.export_final(out, model, tok, files={"grace.json": info})
+
+
+def test_a_fresh_start_moves_an_earlier_final_aside_and_says_so(tmp_path, tiny):
+    """A folder whose step-N are gone but whose final/ stays: final/ is a run's result, never
+    replaced by another run; it goes to abandoned/ with the metrics and settings."""
+    final_at(tmp_path, tiny, 20)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 20}\n')
+    notes = runfolder.settle(tmp_path)
+    (aside,) = (tmp_path / "abandoned").iterdir()
+    assert not (tmp_path / "final").exists() and not (tmp_path / "metrics.jsonl").exists()
+    assert json.loads((aside / "final" / "grace.json").read_text())["step"] == 20
+    assert (aside / "metrics.jsonl").read_text() == '{"step": 20}\n'
+    assert notes == [f"{tmp_path}/ held an earlier run with no step-N checkpoint left to resume; "
+                     f"its final/ (the model) and its files were moved to {aside}"]
+
+
+def test_resuming_before_the_final_moves_it_aside_with_the_later_checkpoints(tmp_path, tiny):
+    for s in (2, 4):
+        save(tmp_path, s, tiny)
+    final_at(tmp_path, tiny, 4)
+    notes = runfolder.settle(tmp_path, 2)
+    assert (tmp_path / "abandoned" / "final" / "grace.json").exists()
+    assert not (tmp_path / "final").exists()
+    assert notes[-1] == (f"resuming from step 2: the later final/ (step 4) was moved to "
+                         f"{tmp_path}/abandoned/final")
+    final_at(tmp_path, tiny, 2)  # resuming from the final's own step keeps it
+    assert runfolder.settle(tmp_path, 2) == [] and (tmp_path / "final").exists()
+
+
+def test_a_checkpoint_past_the_final_marks_it_stale_once(tmp_path, tiny):
+    final_at(tmp_path, tiny, 40)
+    assert runfolder.mark_final_stale(tmp_path, 40) is None  # its own step: not stale
+    assert runfolder.mark_final_stale(tmp_path, 45) == 40  # the first time: the note's step
+    info = json.loads((tmp_path / "final" / "grace.json").read_text())
+    assert (info["step"], info["stale"], info["superseded_by_step"]) == (40, True, 45)
+    assert runfolder.mark_final_stale(tmp_path, 50) is None  # already marked: no second note
+    assert json.loads((tmp_path / "final" / "grace.json").read_text())["superseded_by_step"] == 50
+    assert runfolder.mark_final_stale(tmp_path / "none", 3) is None  # no final/: nothing
+
+
+def test_prune_abandoned_drops_the_optimizer_state_and_keeps_the_weights(tmp_path, tiny):
+    for s in (1, 2, 3):
+        save(tmp_path, s, tiny)
+    runfolder.set_aside_after(tmp_path, 1)
+    before = (tmp_path / "abandoned" / "step-2" / "model.safetensors").read_bytes()
+    assert sorted(p.name for p in runfolder.prune_abandoned(tmp_path)) == ["step-2", "step-3"]
+    for s in (2, 3):
+        state = runfolder.read_state(tmp_path / "abandoned" / f"step-{s}")
+        assert state["optimizer"] is None and state["step"] == s and state["marker"] == s
+    assert (tmp_path / "abandoned" / "step-2" / "model.safetensors").read_bytes() == before
+    assert runfolder.read_state(tmp_path / "step-1")["optimizer"] is not None  # kept: not aside
+    assert runfolder.prune_abandoned(tmp_path) == [] and leftovers(tmp_path / "abandoned") == []
+
+
+def test_resume_point_falls_back_past_a_checkpoint_the_deeper_check_refuses(tmp_path, tiny):
+    for s in (1, 2):
+        save(tmp_path, s, tiny)
+
+    def check(path):
+        if path.name == "step-2":
+            raise ValueError("config.json is not valid JSON")
+    assert runfolder.resume_point(tmp_path, check=check) == (
+        tmp_path / "step-1", [(tmp_path / "step-2", "config.json is not valid JSON")])
+    with pytest.raises(CheckpointError, match="from step-2: config.json is not valid JSON$"):
+        runfolder.resume_point(tmp_path, "step-2", check=check)
+
+
 # ------------------------------------------------------------------------- folders for other tools
 
 def test_sentence_transformers_refuses_a_guarded_checkpoint(tmp_path):

@@ -129,6 +129,110 @@ def test_runs_as_a_script_from_the_repo_root(tmp_path):
     assert done.returncode == 2 and "--data-dir" in done.stderr and "Traceback" not in done.stderr
 
 
+# ----------------------------------------------------------------------------- safety
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "inf"], "--lr must be a finite number"), (["--lr", "1e30"], "--lr must be in [0, 1]"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number"),
+    (["--log-every", "0"], "--log-every must be in [1,"), (["--steps", "0"], "--steps must be in"),
+    (["--hidden", "30", "--heads", "4"], "--hidden 30 must be a multiple of 2 x --heads 4"),
+    (["--heads", "4", "--kv-heads", "3"], "--heads 4 must be a multiple of --kv-heads 3"),
+])
+def test_a_bad_flag_is_one_line_and_writes_nothing(argv, message, corpus, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(TINY_BUILD + argv + ["--data-dir", str(corpus), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wn"]  # no output, no temporary folder
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: (d / "wordnet_glosses.txt").write_bytes(b"ok\n\xff bad byte\n"),
+     "wordnet_glosses.txt:2: invalid UTF-8"),
+    (lambda d: [(d / n).write_text("") for n in pretrain.CORPUS_FILES],  # it used to loop forever
+     "0 distinct lines"),
+])
+def test_an_unusable_corpus_is_one_line(make, message, corpus, tmp_path, capsys):
+    make(corpus)
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(TINY_BUILD + ["--data-dir", str(corpus), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_default_output_is_not_the_shipped_model():
+    out = pretrain.ROOT / pretrain.parse_args(["--data-dir", "x"]).out
+    assert out.resolve() != SHIPPED.resolve() and not out.resolve().is_relative_to(ROOT / "models")
+
+
+@pytest.fixture
+def earlier_build(tmp_path):
+    """An output folder as an earlier build left it: every file's bytes, to compare with."""
+    out = tmp_path / "built"
+    out.mkdir()
+    for name in ("model.safetensors", "tokenizer.json", "metrics.jsonl", "WORDNET_LICENSE"):
+        (out / name).write_text(f"old {name}")
+    return out, {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+def _leftovers(out):
+    return [p.name for p in out.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_a_diverging_loss_stops_in_one_line_and_keeps_the_earlier_build(
+        corpus, earlier_build, monkeypatch, capsys):
+    out, before = earlier_build
+    build_model = pretrain.build_model
+
+    def nan_model(tokenizer, args):  # a weight gone NaN: the loss is NaN from the first step
+        model = build_model(tokenizer, args)
+        with torch.no_grad():
+            model.model.norm.weight.fill_(float("nan"))
+        return model
+    monkeypatch.setattr(pretrain, "build_model", nan_model)
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(TINY_BUILD + ["--data-dir", str(corpus), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()  # (above it: the progress bar)
+    assert e.value.code == 1 and err[-1].startswith("error: step 0: the loss is nan; nothing saved")
+    assert sum("error" in line for line in err) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # metrics.jsonl too
+    assert _leftovers(out) == []
+
+
+def test_a_kill_during_the_save_keeps_the_earlier_build_whole(
+        corpus, earlier_build, monkeypatch):
+    out, before = earlier_build
+
+    def killed(*a, **kw):  # Ctrl-C after the weights and the tokenizer were written
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pretrain, "write_card", killed)
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(TINY_BUILD + ["--data-dir", str(corpus), "--out", str(out)])
+    assert e.value.code == 130
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no new weights, old tokenizer
+    assert _leftovers(out) == []
+
+
+def test_a_build_replaces_an_earlier_one_whole_and_refuses_a_foreign_folder(
+        corpus, earlier_build, tmp_path, capsys):
+    out, before = earlier_build
+    pretrain.main(TINY_BUILD + ["--data-dir", str(corpus), "--out", str(out)])
+    files = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "tokenizer.json", "metrics.jsonl", "README.md",
+            "WORDNET_LICENSE", "config.json"} <= files and _leftovers(out) == []
+    assert all((out / n).read_bytes() != before[n] for n in before)  # every file is the new build
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["final"]
+    assert oct((out / "model.safetensors").stat().st_mode & 0o777) == "0o644"
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(TINY_BUILD + ["--data-dir", str(corpus), "--out", str(foreign)])
+    assert e.value.code == 2 and "not a pretrain.py build" in capsys.readouterr().err
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+
 @pytest.fixture(scope="module")
 def shipped():
     if not (SHIPPED / "model.safetensors").exists():
