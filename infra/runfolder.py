@@ -44,12 +44,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import lora
 import policy
 from infra import console, fsdp
 from infra.cli import TrainingError, UsageError
 
 STEP = re.compile(r"step-(\d+)")
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+ADAPTERS, LORA_INFO = "adapters.safetensors", "lora.json"  # --lora-rank: the weights of step-N/
 TOKENIZER = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
@@ -197,18 +199,18 @@ def _atomic_write(path, text):
 # ----------------------------------------------------------------------------- saving
 
 def save(out, step, model, tokenizer, trainer_state, *, optimizer_state=None, keep_last=None,
-         card=None, files=None, state_dict=None):
+         card=None, files=None, state_dict=None, adapters=None):
     """OUT/step-N/ (model, tokenizer, trainer_state.pt with the optimizer state, README.md = card,
     and `files`: {name: text}), complete or absent; then, with keep_last, only the keep_last newest
     remain. state_dict: the weights to write instead of the model's own (a sharded model's gathered
-    full state)."""
+    full state); adapters: LoRA's tensors, written instead of any weights (see _write_folder)."""
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be at least 1, got {keep_last}")
     if trainer_state.get("step", step) != step:
         raise ValueError(f"trainer_state['step'] is {trainer_state['step']}, saving step {step}")
     state = dict(trainer_state, step=step, optimizer=optimizer_state)
     final = _write_folder(Path(out), f"step-{step}", model, tokenizer, card, state, files,
-                          state_dict)
+                          state_dict, adapters)
     if keep_last:
         older = [p for p in checkpoints(out) if p != final]
         for old in older[:max(0, len(older) + 1 - keep_last)]:  # oldest first
@@ -216,14 +218,19 @@ def save(out, step, model, tokenizer, trainer_state, *, optimizer_state=None, ke
     return final
 
 
-def export_final(out, model, tokenizer, card=None, files=None, state_dict=None):
+def export_final(out, model, tokenizer, card=None, files=None, state_dict=None, adapters=None):
     """OUT/final/: the trained model + tokenizer (+ README.md card, `files`),
     nothing to resume from."""
-    return _write_folder(Path(out), "final", model, tokenizer, card, None, files, state_dict)
+    return _write_folder(Path(out), "final", model, tokenizer, card, None, files, state_dict,
+                         adapters)
 
 
-def _write_folder(out, name, model, tokenizer, card, state, files=None, state_dict=None):
-    """Write OUT/.tmp-NAME, make it readable and durable, rename it to OUT/NAME -> OUT/NAME."""
+def _write_folder(out, name, model, tokenizer, card, state, files=None, state_dict=None,
+                  adapters=None):
+    """Write OUT/.tmp-NAME, make it readable and durable, rename it to OUT/NAME -> OUT/NAME.
+    adapters ({name: tensor}, LoRA): ADAPTERS and the model's config instead of its weights (the
+    base model is named in LORA_INFO, among `files`)."""
+    from safetensors.torch import save_file
     from transformers.utils import logging
 
     tmp, final = out / f".tmp-{name}", out / name
@@ -232,7 +239,12 @@ def _write_folder(out, name, model, tokenizer, card, state, files=None, state_di
         bars = logging.is_progress_bar_enabled()
         logging.disable_progress_bar()  # a "Writing model shards" bar would break the training bar
         try:
-            model.save_pretrained(tmp, state_dict=state_dict)
+            if adapters is None:
+                model.save_pretrained(tmp, state_dict=state_dict)
+            else:
+                tmp.mkdir(parents=True)
+                model.config.save_pretrained(tmp)
+                save_file({k: v.cpu() for k, v in adapters.items()}, tmp / ADAPTERS)
         finally:
             if bars:  # (as it was: train.py's main turns them off for good)
                 logging.enable_progress_bar()
@@ -372,7 +384,9 @@ def loadable(path):
 
 def _weights_problem(path):
     """None if the safetensors weights (single file, or every shard of the index) are whole."""
-    if (path / WEIGHTS[1]).is_file():
+    if (path / ADAPTERS).is_file():  # LoRA: the adapters (the base model: LORA_INFO)
+        shards = [ADAPTERS]
+    elif (path / WEIGHTS[1]).is_file():
         try:
             shards = sorted(set(
                 json.loads((path / WEIGHTS[1]).read_text())["weight_map"].values()))
@@ -408,6 +422,10 @@ def resume_point(out, requested="latest", check=None):
     check(path): a deeper test (loading it), whose exception skips the checkpoint too."""
     if requested != "latest":
         path = Path(requested) if Path(requested).exists() else Path(out) / requested
+        if not path.exists():  # a typo, or a checkpoint --keep-last already pruned
+            have = ", ".join(p.name for p in checkpoints(out)) or "none"
+            raise CheckpointError(f"cannot resume from {requested}: no such folder (checkpoints "
+                                  f"in {out}: {have})")
         ok, why = _usable(path, check)
         if not ok:
             raise CheckpointError(f"cannot resume from {requested}: {why}")
@@ -641,7 +659,7 @@ Training settings (grace.json):
 # then another run).
 RESUME_MAY_CHANGE = {"steps", "epochs", "lr", "weight_decay", "max_grad_norm", "save_every",
                      "keep_last", "eval_every", "eval_pairs", "eval_data", "log_rationales",
-                     "device", "threads", "compile", "report_to"}
+                     "device", "threads", "compile", "report_to", "lora_export"}
 NOT_SETTINGS = {"resume", "force_resume", "out", "system_prompt_file", "config"}  # (prompt: saved)
 # where it runs, not what it computes: never taken from the saved run
 MACHINE = {"device", "threads", "compile"}
@@ -715,7 +733,8 @@ def _load(path, args, found):
     logging.set_verbosity_error()  # a mismatch is reported here in one line, not as a table
     logging.disable_progress_bar()  # (nor a bar before a refusal of the settings)
     try:
-        loaded = policy.load(path, device=args.device, seed=args.seed)
+        loaded = load_adapters(path, args, saved) if (Path(path) / LORA_INFO).is_file() else \
+            policy.load(path, device=args.device, seed=args.seed)
     except RuntimeError as e:  # (transformers' table of the mismatches is silenced above)
         raise CheckpointError("its weights do not fit its config.json (tensor shapes differ)"
                               if "mismatch" in str(e) else _first_line(e)) from None
@@ -724,6 +743,26 @@ def _load(path, args, found):
         if bars:
             logging.enable_progress_bar()
     found.update(saved=saved, policy=loaded)
+
+
+def load_adapters(path, args, saved=None):
+    """A LoRA folder (LORA_INFO, ADAPTERS) -> (its base model with the adapters, tokenizer). The
+    base is loaded by name (a built-in tiny by the run's seed); KeyError: adapters of another."""
+    from safetensors.torch import load_file
+
+    info = json.loads((Path(path) / LORA_INFO).read_text(encoding="utf-8"))
+    seed = (saved or {}).get("args", {}).get("seed", args.seed)
+    model, tok = policy.load(info["base_model"], device=args.device, seed=seed)
+    lora.add(model, info["rank"], info["alpha"], info["dropout"], info["targets"])
+    lora.load_state_dict(model, load_file(Path(path) / ADAPTERS, device=str(args.device)))
+    return model, tok
+
+
+def lora_files(args, state):
+    """{LORA_INFO: text}: how to rebuild the adapted model (base_model: by name, not copied)."""
+    info = dict(base_model=state.get("base_model", args.model), rank=args.lora_rank,
+                alpha=args.lora_alpha, dropout=args.lora_dropout, targets=args.lora_targets)
+    return {LORA_INFO: json.dumps(info, indent=1) + "\n"}
 
 
 def resume_notes(args, old, changed, saved_world, world, resume_from, state):
@@ -744,9 +783,11 @@ def resume_notes(args, old, changed, saved_world, world, resume_from, state):
 
 
 def optimizer(model, args, saved=None):
-    """AdamW over the model's parameters; resuming (saved: the checkpoint's trainer state), with
-    its saved state, and this run's lr and weight decay."""
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    """AdamW over the model's trainable parameters (--lora-rank: the adapters only); resuming
+    (saved: the checkpoint's trainer state), with its saved state, and this run's lr and weight
+    decay."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     if saved is not None:
         if args.fsdp:  # saved as a full state dict keyed by parameter name; each rank its slices
             fsdp.load_optimizer_state(model, opt, saved["optimizer"])
@@ -840,11 +881,13 @@ def save_step(out, model, tok, opt, state, args, generator, rank, world):
                                 "(try a lower --lr)")
         trainer_state = dict({k: state[k] for k in TRAINER_STATE[:4]}, rng=rngs, world=world,
                              base_model=state["base_model"], args=settings(args))
+        adapters = lora.state_dict(model) if args.lora_rank else None  # (the base: by name)
         try:
             save(out, state["step"], model, tok, trainer_state,
                  optimizer_state=optimizer_state if args.fsdp else opt.state_dict(),
-                 state_dict=weights, keep_last=args.keep_last,
-                 files=grace_files(args, state))
+                 state_dict=weights, keep_last=args.keep_last, adapters=adapters,
+                 files=dict(grace_files(args, state), **lora_files(args, state)) if adapters
+                 else grace_files(args, state))
             old = mark_final_stale(out, state["step"])
             if old is not None:
                 tqdm.write(f"note: {out}/final/ (step {old}) is now stale: this run went past it; "
@@ -856,11 +899,17 @@ def save_step(out, model, tok, opt, state, args, generator, rank, world):
 
 
 def export(out, model, tok, state, args, rank):
-    """OUT/final/: the trained model alone, loadable by from_pretrained and evaluate.py."""
+    """OUT/final/: the trained model alone, loadable by from_pretrained and evaluate.py (LoRA:
+    merged into the weights, in place: the run is over; --lora-export adapters: them alone)."""
     weights = fsdp.model_state(model) if args.fsdp else None  # --fsdp: gathered by every rank
+    files, adapters = grace_files(args, state), None
+    if args.lora_rank and args.lora_export == "adapters":
+        files, adapters = dict(files, **lora_files(args, state)), lora.state_dict(model)
+    elif args.lora_rank:
+        lora.merge(model)  # W + (alpha / r) B A: a plain model, as from full fine-tuning
     if rank == 0:
-        final = export_final(out, model, tok, files=grace_files(args, state),
-                             state_dict=weights)
+        final = export_final(out, model, tok, files=files, state_dict=weights,
+                             adapters=adapters)
         print(f"done: {out}/step-{state['step']} (resumable) and {final} (the model)  "
               f"metrics: {out}/metrics.jsonl")
         if state["prompts_cut"]:

@@ -374,6 +374,10 @@ def test_resume_point_nothing_and_requested(tmp_path, tiny):
     (tmp_path / "step-1" / "trainer_state.pt").unlink()
     with pytest.raises(CheckpointError, match="step-1: trainer_state.pt is missing"):
         runfolder.resume_point(tmp_path, "step-1")
+    # a folder that is not there (pruned by --keep-last, a typo): say which ones are
+    with pytest.raises(CheckpointError, match=r"cannot resume from step-9: no such folder "
+                       rf"\(checkpoints in {tmp_path}: step-1, step-2\)$"):
+        runfolder.resume_point(tmp_path, "step-9")
 
 
 def test_read_state_unreadable(tmp_path):
