@@ -268,8 +268,8 @@ def run(args):
                 say(f"   results in {where}", flush=True)
         stats[label] = dict(encoder.stats, rationale=encoder.settings["rationale"])
         if ppl_texts:
-            ppl[label] = diagnostics.perplexity(encoder.model, encoder.tokenizer, ppl_texts, args.batch_size,
-                                    encoder.settings["max_length"])
+            ppl[label] = diagnostics.perplexity(encoder.model, encoder.tokenizer, ppl_texts,
+                                                args.batch_size, encoder.settings["max_length"])
             say(f"   perplexity on {len(ppl_texts)} texts of {args.perplexity}: {ppl[label]:.2f}",
                 flush=True)
         del encoder  # one model in memory at a time

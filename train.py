@@ -97,6 +97,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import lora  # noqa: E402
 import policy  # noqa: E402
 import reward  # noqa: E402
 import rollout  # noqa: E402
@@ -224,13 +225,14 @@ def rl_step(model, ref, tok, opt, batch, args, generator, world):
     # 3. reference log-probs (N, L) of the main rationales, for the KL penalty
     rollouts, rows = main.rollout, args.micro_batch_size * G
     ref_logp = None
-    if ref is not None:
+    if ref is not None:  # (under LoRA the policy itself, its adapters off: the base model)
         chunks = [slice(s, s + rows) for s in range(0, len(rollouts.sequences), rows)]  # bounded
-        ref_logp = torch.cat([policy.token_logprobs(ref, rollouts.sequences[c],
-                                                    rollouts.attention_mask[c],
-                                                    rollouts.completion_mask[c],
-                                                    temperature=args.temperature)
-                              for c in chunks])
+        with torch.no_grad(), lora.disabled(ref):
+            ref_logp = torch.cat([policy.token_logprobs(ref, rollouts.sequences[c],
+                                                        rollouts.attention_mask[c],
+                                                        rollouts.completion_mask[c],
+                                                        temperature=args.temperature)
+                                  for c in chunks])
     t2 = time.perf_counter()
 
     # 4. --ppo-epochs passes of mini-batches of the clipped loss
@@ -323,8 +325,7 @@ def contrastive_step(model, ref, tok, opt, batch, args, generator, world):
 
 
 def encode(model, tok, texts, args, stale=True, **kw):
-    """policy.encode with this run's settings (system prompt, prompt limit, length, nucleus,
-    chunking).
+    """policy.encode with this run's settings (prompt, its limit, length, nucleus, chunking).
     --compile on: the compiled decode step (infra/fast_decode.py). --fsdp: rationales are sampled
     from a plain copy of the sharded weights (bf16 Linears on GPU), refreshed unless the caller says
     no optimizer step came since the last call (stale=False; a collective either way)."""
@@ -444,16 +445,19 @@ def prepare(args, given, world, rank):
 
 
 def load_models(args, resumed=None):
-    """The policy (resumed: the checkpoint's, already loaded), and the frozen reference (the base
-    model, bf16 on GPU since it never steps) unless --kl-coef 0 or --objective contrastive."""
+    """The policy (resumed: the checkpoint's) and the KL reference unless --kl-coef 0 or --objective
+    contrastive: the base model (bf16 on GPU: it never steps); --lora-rank: the policy, no copy."""
     try:
         model, tok = resumed or policy.load(args.model, device=args.device, seed=args.seed)
-        ref = None
-        if args.kl_coef and args.objective == "grpo":
+        if args.lora_rank and not resumed:  # W frozen; A drawn from --seed, B = 0
+            lora.add(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets,
+                     seed=args.seed)
+        ref = model if args.lora_rank and args.kl_coef and args.objective == "grpo" else None
+        if ref is None and args.kl_coef and args.objective == "grpo":  # (LoRA: rl_step's disabled)
             ref, _ = policy.load(args.model, device=args.device, seed=args.seed,
                                  dtype=policy.low_precision(args.device))
             ref.eval().requires_grad_(False)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:  # ValueError: --lora-targets that match nothing
         raise UsageError(str(e)) from e
     cli.check_lengths(args, model, tok)  # the template fits the prompt limit, all the positions
     disable_dropout(model)

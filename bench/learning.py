@@ -23,6 +23,8 @@ run, 3 seeds):
 - contrastive:   --objective contrastive: InfoNCE on the same pooled embeddings, gradients
                  through the encoder (greedy rationales); not GRACE, the baseline the paper
                  does not run
+- LoRA r8:       the GRACE release run with --lora-rank 8 adapters (base frozen, the KL reference
+                 the adapters switched off), at the preset's lr and at 1e-3
 - release + std: (--ablation) the release reward with advantages divided by the group std
 Every other setting is train.py's preset for the model (plus --train-args).
 
@@ -77,7 +79,9 @@ DATA = {
 }
 WORDNET_EXAMPLES = "wordnet_examples.txt"
 RUNS = {"GRACE release": [], "GRACE infonce": ["--reward", "infonce"],
-        "contrastive": ["--objective", "contrastive"]}
+        "contrastive": ["--objective", "contrastive"],
+        # LoRA adapters on the same GRPO (release reward): the preset's lr, and 10x (LoRA's usual)
+        "LoRA r8": ["--lora-rank", "8"], "LoRA r8, lr 1e-3": ["--lora-rank", "8", "--lr", "1e-3"]}
 ABLATION = {"release + std": ["--scale-adv-by-std"]}
 
 

@@ -10,7 +10,9 @@ memory table for the release's batch.
         --grad-checkpointing                       # GPU: a release-shaped step
     torchrun --nproc_per_node=2 bench/train_step.py [--fsdp] [--gather-bench]
                                                    # data parallel / FSDP (gloo on CPU)
-    python bench/train_step.py --memory-table      # computed, not measured
+    python bench/train_step.py --shape Qwen3-4B --lora-rank 16 --rollout-rows 64 ...
+                                                   # LoRA adapters (train.py's --lora-rank)
+    python bench/train_step.py --memory-table      # computed, not measured (with LoRA columns)
 
 It drives train.py's own functions (infra.cli.train_args, train.load_models, train.rl_step) on a
 model saved to a temporary folder (AutoModelForCausalLM.from_config: no weights are downloaded),
@@ -29,6 +31,7 @@ which only grows (the second mode's number includes the first's).
 and gathered per layer at every step.
 """
 import argparse
+import functools
 import gc
 import os
 import statistics
@@ -40,7 +43,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from infra import cli, data, dist, fsdp, tiny  # noqa: E402
+from infra import cli, data, dist, fsdp, runfolder, tiny  # noqa: E402
+import lora  # noqa: E402
 import policy  # noqa: E402
 import rollout  # noqa: E402
 import train  # noqa: E402
@@ -80,6 +84,7 @@ def config(shape, tokenizer):
                                 pad_token_id=tokenizer.pad_token_id)
 
 
+@functools.lru_cache(maxsize=None)
 def parameter_count(shape):
     """-> (parameters (a tied head counted once), of which the output head, in nn.Linear layers
     (what autocast casts and a decode copy holds in bf16), and what an untied fp32 decode copy
@@ -115,7 +120,7 @@ def one_mode(folder, compile, opts, rank, world, steps, pool_from="sampler"):
     if world > 1 and args.device.startswith("cuda"):
         args.device = f"cuda:{os.environ['LOCAL_RANK']}"
     model, tok, ref = train.load_models(args, None)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = runfolder.optimizer(model, args)  # train.py's: AdamW over the trainable parameters
     records = data.load_records(cli.SAMPLE_DATA, "supervised")
     local = args.batch_size // world
     batch = [records[i % len(records)] for i in range(rank * local, (rank + 1) * local)]
@@ -197,6 +202,7 @@ def bench(a):
     opts += ["--rollout-rows", str(a.rollout_rows)] if a.rollout_rows else []
     opts += ["--fsdp"] if a.fsdp else []
     opts += ["--offload"] if a.offload else []
+    opts += ["--lora-rank", str(a.lora_rank)] if a.lora_rank else []
     if "RANK" in os.environ:
         args = cli.train_args(["--threads", str(a.threads)])[0]
         rank, world, args.device = dist.setup(args.device, args.threads)
@@ -222,7 +228,8 @@ def bench(a):
             torch.distributed.barrier()
     if rank:
         return
-    how = f"{' FSDP' if a.fsdp else ''}{' offload' if a.offload else ''}"
+    how = f"{' FSDP' if a.fsdp else ''}{' offload' if a.offload else ''}" + \
+        (f" LoRA r{a.lora_rank}" if a.lora_rank else "")
     print(f"shape {a.shape}, {world} process(es){how} on {args.device}; {a.batch_size} texts x "
           f"G={a.group_size}, {a.max_new_tokens} new tokens, mean of {a.steps}")
     print("| rollouts | embedding | rollout s | main s | side s | score s | update s | step s | "
@@ -257,9 +264,9 @@ GPU_GB, HEADROOM_GB = 80, 8
 PROMPT, NEW, PROMPTS, G, MICRO_PROMPTS = 512, 2048, 64, 8, 2
 
 
-def memory_gb(shape, mode, n, rollout_rows=0):
-    """Peak GB per GPU = max(rollout phase, update phase) for mode plain | fsdp | offload over n
-    GPUs. Bytes per parameter: fp32 weights 4, grads 4 (kept from the step through the next
+def memory_gb(shape, mode, n, rollout_rows=0, lora_rank=0):
+    """Peak GB per GPU = max(rollout phase, update phase) for mode plain | fsdp | offload | lora
+    over n GPUs. Bytes per parameter: fp32 weights 4, grads 4 (kept from the step through the next
     rollouts: zero_grad comes at the next update), AdamW 8 -> 16, all on the GPU (plain), / n
     (fsdp), on the host (offload). The bf16 reference: 2, replicated (what train.py does). bf16
     autocast holds a cast (2) of every Linear parameter a forward uses until its backward is done.
@@ -270,7 +277,13 @@ def memory_gb(shape, mode, n, rollout_rows=0):
     rollout_rows of them at a time (--rollout-rows); activations with
     gradient checkpointing for a micro-batch of 2 prompts x 8 = 16 rows x 2560 tokens: each layer's
     fp32 input (L x tokens x H x 4), one layer's recompute (tokens x (4H + 3I) x 2 bytes), the fp32
-    last hidden states, and fp32 logits for 1024 scored tokens (x3: logits, log-softmax, grad)."""
+    last hidden states, and fp32 logits for 1024 scored tokens (x3: logits, log-softmax, grad).
+    lora (rank lora_rank, plain, one GPU): the frozen base as train.py keeps it (lora.add freezes
+    the policy policy.load loaded: fp32, 4); fp32 adapters + grads + AdamW (16) for the adapters
+    only; no reference (the same model, adapters off); the decode copy as plain (the merged
+    weights in bf16); autocast keeps no casts of frozen weights (it caches those of leaves that
+    need grad only), so the update holds the casts one layer's and the head's backward need; KV
+    cache and activations as plain."""
     c = SHAPES[shape]
     P, head, linear, rest = parameter_count(shape)
     L, H, I, V = c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"], c["vocab_size"]
@@ -281,6 +294,10 @@ def memory_gb(shape, mode, n, rollout_rows=0):
     micro = MICRO_PROMPTS * G * tokens
     act = micro * (L * H * 4 + (4 * H + 3 * I) * 2 + H * 4) + 1024 * V * 4 * 3
     layer = (P - head) / L
+    if mode == "lora":
+        states = 4 * P + 16 * adapter_count(shape, lora_rank)
+        copy, casts = 2 * linear, 2 * (head + layer)
+        return max(states + copy + kv, states + copy + casts + act) / 1e9, P
     states = {"plain": 16 * P, "fsdp": 16 * P / n, "offload": 0}[mode]
     ref = 2 * P
     copy = 2 * linear + (0 if mode == "plain" else 4 * rest)  # kept through the update
@@ -290,21 +307,35 @@ def memory_gb(shape, mode, n, rollout_rows=0):
     return max(rollout_phase, update_phase) / 1e9, P
 
 
+@functools.lru_cache(maxsize=None)
+def adapter_count(shape, r):
+    """LoRA parameters: r x (in + out) per Linear lora.py adapts by default (attention and MLP
+    projections; A: r x in, B: out x r)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config(shape, tiny.build_tokenizer()))
+    return sum(r * (m.in_features + m.out_features) for name, m in model.named_modules()
+               if type(m) is torch.nn.Linear and name.rsplit(".", 1)[-1] in lora.TARGETS)
+
+
 def memory_table():
     print(f"Per-GPU peak, GB (computed, not measured): {PROMPTS} prompts x G={G}, {NEW}-token "
           f"rationales after {PROMPT}-token prompts, micro-batches of {MICRO_PROMPTS} prompts, "
           f"gradient checkpointing; fits = at most {GPU_GB - HEADROOM_GB} of {GPU_GB} GB.")
     runs = [(mode, n) for mode in ("plain", "fsdp", "offload") for n in (1, 4, 8)]
+    ranks = (16, 64)
     for rollout_rows in (0, 64):
         print("\nAll of a rank's rollouts sampled at once (the default):\n" if not rollout_rows
               else f"\n--rollout-rows {rollout_rows}: a rank samples {rollout_rows} rollouts at a "
               "time:\n")
-        print("| model | params | " + " | ".join(f"{m} x{n}" for m, n in runs) + " |")
-        print("|---|---|" + "---|" * len(runs))
-        for shape in [s for s in SHAPES if s != "small"]:
+        print("| model | params | " + " | ".join(f"{m} x{n}" for m, n in runs) + " | "
+              + " | ".join(f"lora r{r} x1" for r in ranks) + " |")
+        print("|---|---|" + "---|" * (len(runs) + len(ranks)))
+        for shape in [s for s in SHAPES if s not in ("small", "tiny")]:
             cells = []
-            for mode, n in runs:
-                gb, P = memory_gb(shape, mode, n, rollout_rows)
+            for mode, n, r in [(m, n, 0) for m, n in runs] + [("lora", 1, r) for r in ranks]:
+                gb, P = memory_gb(shape, mode, n, rollout_rows, r)
                 cells.append(f"{gb:.0f} {'fits' if gb <= GPU_GB - HEADROOM_GB else 'no'}")
             print(f"| {shape} | {P / 1e9:.2f}B | " + " | ".join(cells) + " |")
     print("\nBytes/param per GPU: plain 16 + 2 (bf16 ref) + 2 (decode copy), +2 autocast casts in "
@@ -312,6 +343,12 @@ def memory_table():
           "layers in the update; offload 0 + 2 + 2 (the 16 live in host RAM: 16/N per rank).")
     print("plain x N is the hand data-parallel path: full states on every GPU, KV cache for "
           "rows / N.")
+    counts = ", ".join(f"{s} " + "/".join(f"{adapter_count(s, r) / 1e6:.0f}M" for r in ranks)
+                       for s in SHAPES if s not in ("small", "tiny"))
+    print("lora rR x1: --lora-rank R on q,k,v,o,gate,up,down, one GPU: the frozen base 4 "
+          "(fp32, as policy.load loads it) + 2 (decode copy), no reference, 16 per adapter "
+          f"parameter, + the casts of one layer and the head in the update; adapter parameters "
+          f"(r = {'/'.join(map(str, ranks))}): {counts}.")
 
 
 def main(argv=None):
@@ -334,6 +371,8 @@ def main(argv=None):
                    help="train.py's --rollout-rows (0: all rows at once)")
     p.add_argument("--fsdp", action="store_true")
     p.add_argument("--offload", action="store_true")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="train.py's --lora-rank: LoRA adapters of this rank (0: full fine-tuning)")
     p.add_argument("--gather-bench", action="store_true",
                    help="with --fsdp: time rollouts from the decode copy against the sharded "
                         "model's own")

@@ -45,10 +45,11 @@ def _load(name, file):
 rollout = _load("rollout", "rollout.py")
 reward = _load("reward", "reward.py")
 policy = _load("policy", "policy.py")
+lora = _load("lora", "lora.py")  # (infra's runfolder and fast_decode import it)
 infra = _load("infra", "infra/__init__.py")  # its modules then import as infra.cli, ...
 train = _load("grace.train", "train.py")  # `grace-train` runs train.main
 evaluate = _load("grace.evaluate", "evaluate.py")  # `grace-evaluate` runs evaluate.main
-for _module in (rollout, reward, policy, infra):
+for _module in (rollout, reward, policy, lora, infra):
     sys.modules[f"grace.{_module.__name__}"] = _module  # `import grace.policy` works too
 
 GraceEncoder = evaluate.GraceEncoder

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+import lora
 import policy
 import reward
 
@@ -229,6 +230,16 @@ def train_parser(suppress=False):
       "state over the processes (FSDP2, one unit per decoder layer; see infra/fsdp.py)")
     a("--offload", action="store_true",
       help="with --fsdp: keep the shards and AdamW on the CPU (CPUOffloadPolicy)")
+    a("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank beside frozen "
+      "weights (lora.py; 0 = full fine-tuning); the KL reference is the same model, adapters off")
+    a("--lora-alpha", type=float, help="LoRA scale alpha: the update is (alpha / rank) B A x "
+      "(default: 2 x --lora-rank, a scale of 2 at every rank)")
+    a("--lora-dropout", type=float, default=0.0,
+      help="dropout on the adapters' input, in the forward that carries gradient only")
+    a("--lora-targets", nargs="+", default=list(lora.TARGETS), metavar="NAME",
+      help="the nn.Linear layers that get adapters, by the last part of their name")
+    a("--lora-export", default="merged", choices=["merged", "adapters"],
+      help="what final/ holds: the merged model (plain weights) or the adapters alone")
     a("--seed", type=int, default=0, help="seeds data order, sampling and the tiny model")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu",
       help="cpu, cuda or cuda:N")
@@ -269,7 +280,8 @@ RANGES = dict(batch_size=(1, 1 << 20), group_size=(1, 1024), mini_batch_size=(1,
               weight_decay=(0, 1), kl_coef=(0, 1e6), clustering_weight=(-1e6, 1e6),
               cross_group_weight=(-1e6, 1e6), dual_clip=(1, 1e6), temperature=(1e-4, 100),
               side_temperature=(0, 100), top_p=(1e-6, 1), tau=(1e-4, 1e6), clip_eps=(1e-6, 1e6),
-              max_grad_norm=(1e-12, 1e12))
+              max_grad_norm=(1e-12, 1e12), lora_rank=(0, 1 << 16), lora_alpha=(1e-6, 1e6),
+              lora_dropout=(0, 0.99))
 
 
 def train_args(argv=None):
@@ -310,6 +322,11 @@ def train_args(argv=None):
                 "(query, positive, negative records)")
     args.clustering_weight = 0.2 if args.clustering_weight is None else args.clustering_weight
     args.cross_group_weight = 0.2 if args.cross_group_weight is None else args.cross_group_weight
+    lora_flags = sorted(f"--{k.replace('_', '-')}" for k in given - {"lora_rank"} if "lora_" in k)
+    if lora_flags and not args.lora_rank and not args.resume:  # (resumed: the saved run's rank)
+        p.error(f"{', '.join(lora_flags)}: LoRA settings, they need --lora-rank R (> 0)")
+    if args.lora_rank and args.lora_alpha is None:
+        args.lora_alpha = 2.0 * args.lora_rank
     if args.compile == "auto":
         args.compile = "on" if args.device.startswith("cuda") else "off"
     return args, given
@@ -354,6 +371,9 @@ def _config_problem(action, v):
         return None if action.default is None else "null, but it needs a value"
     if action.nargs == 0:  # store_true
         return None if isinstance(v, bool) else f"expected true or false, got {v!r}"
+    if action.nargs == "+":  # --lora-targets
+        ok = isinstance(v, list) and v and all(isinstance(x, str) for x in v)
+        return None if ok else f"expected a list of strings, got {json.dumps(v)}"
     kind = {int: (int,), float: (int, float)}.get(action.type, (str,))
     if not isinstance(v, kind) or isinstance(v, bool):
         wanted = {int: "an integer", float: "a number"}.get(action.type, "a string")
@@ -397,6 +417,9 @@ def check_run(args, given, world, records):
                              "pip install tensorboard") from None
     if args.offload and not args.fsdp:
         raise UsageError("--offload needs --fsdp")
+    if args.lora_rank and args.fsdp:
+        raise UsageError("--lora-rank with --fsdp is not supported (the adapters are not sharded: "
+                         "LoRA's small optimizer state is what lets one GPU train; drop --fsdp)")
     if args.fsdp and world == 1 and "RANK" not in os.environ:
         raise UsageError("--fsdp needs torchrun (torchrun --nproc_per_node=N train.py ...; "
                          "N = 1 works too)")

@@ -61,6 +61,10 @@ def check_model_folder(name):
         return
     if not (path / "config.json").is_file():
         raise UsageError(f"{path}: not a saved model (no config.json)")
+    if (path / runfolder.LORA_INFO).is_file() and not (path / "model.safetensors").is_file():
+        raise UsageError(f"{path}: LoRA adapters only (--lora-export adapters); merge them into a "
+                         f"model first: python train.py --out {path.parent} --resume "
+                         "--lora-export merged")
     problem = runfolder._weights_problem(path)
     if problem and not any(path.glob("*.bin")):  # .bin: an older save format, left to transformers
         raise UsageError(f"{path}: {problem}; copy or save the model again")

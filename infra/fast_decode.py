@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import StaticCache
 
+import lora
+
 PROMPT_BUCKET = 64  # the cache length is padded to a multiple of this: few shapes compile
 
 
@@ -109,7 +111,7 @@ def sampling_model(model, compile):
     # every call: a cast of the weights once, against one read of them per decoded token
     with torch.no_grad():
         for copy_linear, master in pairs:
-            copy_linear.weight.copy_(master.weight)
+            copy_linear.weight.copy_(lora.weight(master))  # LoRA: W + (alpha / r) B A, merged
             if copy_linear.bias is not None:
                 copy_linear.bias.copy_(master.bias)
     return low, step
@@ -127,8 +129,9 @@ def decode_copy(model, dtype=None):
     Every parameter and buffer is the master's own tensor, shared, not copied, except with `dtype`
     (the autocast dtype): then each fp32 nn.Linear's weight and bias get their own `dtype` copy (no
     gradient), which the pairs say where to refresh from; a tied output head gets its own copy and
-    the embedding stays shared. The copy's config (its own) selects `packed_gqa_attention` when the
-    master uses sdpa.
+    the embedding stays shared. A LoRA layer's copy always gets its own weight, the merged
+    W + (alpha / r) B A (lora.weight), its adapter off: the compiled step pays nothing for LoRA.
+    The copy's config (its own) selects `packed_gqa_attention` when the master uses sdpa.
     """
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
     # modules and config copied; tensors found in `shared` are not
@@ -136,10 +139,13 @@ def decode_copy(model, dtype=None):
     masters = dict(model.named_modules())
     pairs = []
     for name, m in low.named_modules():
-        if dtype is not None and type(m) is torch.nn.Linear and m.weight.dtype == torch.float32:
-            m.weight = torch.nn.Parameter(m.weight.detach().to(dtype), requires_grad=False)
+        cast = dtype is not None and type(m) is torch.nn.Linear and m.weight.dtype == torch.float32
+        if cast or hasattr(m, "lora_A"):
+            to = dtype if cast else m.weight.dtype
+            m.weight = torch.nn.Parameter(lora.weight(m).to(to), requires_grad=False)
             if m.bias is not None:
-                m.bias = torch.nn.Parameter(m.bias.detach().to(dtype), requires_grad=False)
+                m.bias = torch.nn.Parameter(m.bias.detach().to(to), requires_grad=False)
+            m.lora_on = False  # (if it has one: the weight is the merged one)
             pairs.append((m, masters[name]))
     if getattr(low.config, "_attn_implementation", None) == "sdpa":
         low.config._attn_implementation = "grace_packed_gqa"  # the copy's config only

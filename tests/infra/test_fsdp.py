@@ -48,20 +48,30 @@ def max_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    """One plain 4-step --fsdp run (step-2, step-4, final), the reference of the tests below: a
+    torchrun costs seconds of start-up, so they share it (none of them writes to it)."""
+    out = tmp_path_factory.mktemp("fsdp") / "run"
+    torchrun("--steps", "4", "--out", str(out), "--fsdp")
+    return out
+
+
 @pytest.mark.slow
-def test_fsdp_matches_the_hand_data_parallel_path_and_saves_plain_folders(tmp_path):
+def test_fsdp_matches_the_hand_data_parallel_path_and_saves_plain_folders(fsdp_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
+    # a constant learning rate: step-2 of the 4-step run is a 2-step run's last step
     torchrun("--steps", "2", "--out", str(tmp_path / "ddp"))
-    torchrun("--steps", "2", "--out", str(tmp_path / "fsdp"), "--fsdp")
-    ddp, sharded = weights(tmp_path / "ddp" / "step-2"), weights(tmp_path / "fsdp" / "step-2")
+    ddp, sharded = weights(tmp_path / "ddp" / "step-2"), weights(fsdp_run / "step-2")
     assert max_diff(ddp, sharded) < 1e-6
     assert max_diff(ddp, policy.load("tiny")[0].state_dict()) > 1e-4  # it did train
-    for folder in ("step-2", "final"):  # plain folders, tied embeddings stored once
-        model = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / folder)
+    last = weights(fsdp_run / "step-4")
+    for folder, want in (("step-2", sharded), ("final", last)):  # plain, tied embeddings once
+        model = AutoModelForCausalLM.from_pretrained(fsdp_run / folder)
         assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
-        assert max_diff(model.state_dict(), sharded) == 0
-    state = torch.load(tmp_path / "fsdp" / "step-2" / "trainer_state.pt", weights_only=False)
+        assert max_diff(model.state_dict(), want) == 0
+    state = torch.load(fsdp_run / "step-2" / "trainer_state.pt", weights_only=False)
     assert state["optimizer"]["state"]  # the full AdamW state, gathered to rank 0
 
 
@@ -70,30 +80,28 @@ def metrics(out):
 
 
 @pytest.mark.slow
-def test_fsdp_resumes_exactly_and_offload_computes_the_same(tmp_path):
-    torchrun("--steps", "4", "--out", str(tmp_path / "straight"), "--fsdp")
+def test_fsdp_resumes_exactly_and_offload_computes_the_same(fsdp_run, tmp_path):
     torchrun("--steps", "2", "--out", str(tmp_path / "cut"), "--fsdp", "--offload")
     torchrun("--steps", "4", "--out", str(tmp_path / "cut"), "--fsdp", "--resume")
-    straight, cut = weights(tmp_path / "straight" / "step-4"), weights(tmp_path / "cut" / "step-4")
+    straight, cut = weights(fsdp_run / "step-4"), weights(tmp_path / "cut" / "step-4")
     assert max_diff(straight, cut) == 0
-    rows = [metrics(tmp_path / run) for run in ("straight", "cut")]
+    rows = [metrics(fsdp_run), metrics(tmp_path / "cut")]
     same = [[(r["step"], r["reward"], r["loss"]) for r in run] for run in rows]
     assert same[0] == same[1] and len(same[0]) == 4
 
 
 @pytest.mark.slow
-def test_fsdp_compiled_rollouts_sample_the_same_rationales(tmp_path):
+def test_fsdp_compiled_rollouts_sample_the_same_rationales(fsdp_run, tmp_path):
     """--compile on under --fsdp: rollouts are compiled on fsdp's plain copy. The same seeds draw
     the same rationales as uncompiled (equal lengths and rewards); the weights agree up to the
     rounding of the compiled step (its bucket padding inside the graph), far below what the 4 steps
     moved them."""
-    torchrun("--steps", "4", "--out", str(tmp_path / "plain"), "--fsdp")
     torchrun("--steps", "4", "--out", str(tmp_path / "compiled"), "--fsdp", "--compile", "on")
-    rows = [metrics(tmp_path / run) for run in ("plain", "compiled")]
+    rows = [metrics(fsdp_run), metrics(tmp_path / "compiled")]
     assert [r["compilations"] for r in rows[0]] == [0] * 4 and rows[1][-1]["compilations"] > 0
     for a, b in zip(*rows):
         assert a["rationale_len"] == b["rationale_len"] and abs(a["reward"] - b["reward"]) < 1e-4
-    plain = weights(tmp_path / "plain" / "step-4")
+    plain = weights(fsdp_run / "step-4")
     compiled = weights(tmp_path / "compiled" / "step-4")
     moved = max_diff(plain, policy.load("tiny")[0].state_dict())
     assert max_diff(plain, compiled) < moved / 10  # measured: 4.4e-5 against 1.2e-3
