@@ -2,7 +2,7 @@
 
     python bench/learning.py --snli DATA/snli_triplets/triplets.jsonl \
         --sts DATA/stsbenchmark/dev.jsonl --wordnet DATA/unsup_sentences
-                    # 3 seeds x 3 trainings + the base model: 11 min on 2 busy CPU cores
+                    # 3 seeds x 5 trainings + the base model (--runs picks some)
     python bench/learning.py --snli ... --sts ... --wordnet ... --seeds 1 --runs release \
         --no-base --train-args="--lr 1e-4"          # one quick try (~2 min)
 
