@@ -193,7 +193,7 @@ def shape_output(emb, opts, normalize):
 
 def set_threads(threads, device):
     """torch's CPU threads for evaluation (None: torch's own choice). One thread is the fastest
-    for small models on a busy machine (docs/evaluation.md)."""
+    for small models on a busy machine (the one thread rule: docs/training.md)."""
     if threads is not None and torch.device(device).type == "cpu":
         torch.set_num_threads(threads)
 
