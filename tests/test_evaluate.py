@@ -545,9 +545,8 @@ def test_baseline_gets_the_first_models_settings(tiny, tmp_path):
             second.settings["max_length"]) == (5, "Describe.", 0.9, 512)
 
 
-@pytest.mark.slow  # two models, an mteb task each
-def test_cli_baseline_embeds_with_the_first_models_settings(tiny, sts_file, tmp_path, capsys,
-                                                            monkeypatch):
+def recorded_encoders(monkeypatch):
+    """-> the list every GraceEncoder that evaluate.py builds from now on is appended to."""
     made = []
 
     class Recorded(evaluate.GraceEncoder):
@@ -556,6 +555,13 @@ def test_cli_baseline_embeds_with_the_first_models_settings(tiny, sts_file, tmp_
             made.append(self)
 
     monkeypatch.setattr(evaluate, "GraceEncoder", Recorded)
+    return made
+
+
+@pytest.mark.slow  # two models, an mteb task each
+def test_cli_baseline_embeds_with_the_first_models_settings(tiny, sts_file, tmp_path, capsys,
+                                                            monkeypatch):
+    made = recorded_encoders(monkeypatch)
     folder = _checkpoint(tiny, tmp_path / "ckpt", max_new_tokens=5)
     common = ["--local", str(sts_file), "--limit", "4", "--out", ""]
     assert evaluate.main(["--model", str(folder), "--baseline", "tiny"] + common) == 0
@@ -788,14 +794,7 @@ def test_cli_baseline_is_embedded_exactly_as_the_model(tiny, tmp_path, capsys, m
     """The checkpoint's rationale length (and prompt, decoding) is the baseline's too, whichever
     model's folder holds a grace.json; --no-rationale applies to both, --baseline-no-rationale to
     the baseline alone. The settings are printed once per model."""
-    made = []
-
-    class Recorded(evaluate.GraceEncoder):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    monkeypatch.setattr(evaluate, "GraceEncoder", Recorded)
+    made = recorded_encoders(monkeypatch)
     monkeypatch.setattr(evaluate.diagnostics, "perplexity", lambda *a, **k: 1.0)  # settings only
     monkeypatch.setattr(evaluate.gc, "collect", lambda: 0)
     folder = _saved(tiny, tmp_path / "ckpt", max_new_tokens=32, system_prompt="Describe.",
