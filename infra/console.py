@@ -64,11 +64,16 @@ def duration(seconds):
         f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
+def terminal():
+    """Whether stderr is a terminal: where tqdm draws its bars."""
+    return hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+
+
 def progress_bar(*, disable=None, **kwargs):
     """disable=None: tqdm's bar on a terminal, a Heartbeat otherwise; True: nothing at all."""
     from tqdm.auto import tqdm
 
-    if disable is None and not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
+    if disable is None and not terminal():
         return Heartbeat(**kwargs)
     return tqdm(disable=disable, **dict(dict(dynamic_ncols=True), **kwargs))
 
@@ -80,7 +85,7 @@ def quiet():
     log fills with carriage returns). A variable the user set (HF_*_DISABLE_PROGRESS_BARS) wins."""
     for message, module in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message, module=module)
-    terminal = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+    on_terminal = terminal()
     hub_bars = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read when datasets imports
     if "datasets" in sys.modules and os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1":
@@ -91,5 +96,5 @@ def quiet():
     with warnings.catch_warnings():  # the hub warns when HF_HUB_DISABLE_PROGRESS_BARS=0 is set
         warnings.simplefilter("ignore")
         transformers_logging.disable_progress_bar()  # also the hub's bars: back on below
-    if terminal and hub_bars is None:
+    if on_terminal and hub_bars is None:
         hub.enable_progress_bars()
