@@ -6,28 +6,23 @@ group's one query / negative embedding repeated on each of its G rows (as the re
 out). For unit vectors cos(a, b) = a . b, so every term is a dot product. Pure tensor math,
 float32, no loops.
 
-    supervised    r_i = s_pos + s_neg + w_clu s_clu + w_x s_x          (grace_rewards)
-    unsupervised  r_i = s_pos + w_clu s_clu - w_x s_x                  (unsupervised_rewards)
-    infonce       r_i = log softmax_c(cos(m_i, c) / tau)[own query]    (infonce_rewards: not GRACE)
+    supervised    r_i = s_pos + s_neg + w_clu s_clu + w_x s_x [+ w_ib s_ib]  (grace_rewards)
+    unsupervised  r_i = s_pos + w_clu s_clu - w_x s_x                    (unsupervised_rewards)
+    infonce       r_i = log softmax_c(cos(m_i, c) / tau)[own query]      (infonce_rewards)
 
-REWARDS is the table train.py chooses from (--reward NAME): every entry has the signature
-fn(query, main, negative, group_size, *, temperature, truncated, length_penalty, **options), with
-negative None in unsupervised mode; its keyword options are the ones flags may set (a flag the
-chosen reward does not take is refused). A new reward is a function and one line in the table.
-With with_scale every term is divided by tau; a rollout cut at the length limit gets -1 instead.
-
-The two cross-group terms differ, as released: the supervised one is the *largest* similarity
-between a group's query and another group's rollouts (it never involves main_i), the unsupervised
-one the *mean* similarity between main_i and the other groups' queries (it does).
+REWARDS is train.py's table (--reward NAME): fn(query, main, negative, group_size, *, temperature,
+truncated, length_penalty, **options), negative None when unsupervised; flags set the keyword
+options (one the reward does not take is refused). A new reward: a function and a table line.
+As released, the supervised s_x is the *largest* similarity between a group's query and another
+group's rollouts (never main_i), the unsupervised s_x the *mean* of main_i vs the other queries.
 
 What reaches the gradient: GRPO subtracts each group's mean reward. In the supervised reward s_neg
 and s_x are the same for all G members of a group, so in a group where every rollout finished they
-cancel exactly: they move the logged reward, never the policy. In a group holding a truncated
-rollout they do not: the -1 replaces that row's whole total, so the group constant s_neg + w_x s_x
-sits on the finished rows only and sets how large the truncation penalty effectively is. Otherwise
-only s_pos, s_clu and the length penalty steer, and neither pushes different texts apart
-(docs/reward-analysis.md). infonce_rewards is the per-rollout alternative: every candidate
-similarity involves main_i, so every part varies within the group.
+cancel exactly: they move the logged reward, never the policy (with a truncated rollout they set
+how large its -1 effectively is). Only s_pos, s_clu and the length penalty steer, and neither pushes
+different texts apart (docs/reward-analysis.md): the space collapses. The optional in-batch term
+s_ib (--in-batch-weight, off as released) involves main_i, so it varies within the group and pushes
+each rollout away from the other groups' queries. infonce_rewards is the per-rollout alternative.
 """
 import torch
 
@@ -128,12 +123,13 @@ def _finish(total, parts, truncated, length_penalty, below_all=False):
 
 
 def grace_rewards(query, main, negative, group_size, *, temperature=0.1, with_scale=True,
-                  clustering_weight=0.2, cross_group_weight=0.2, truncated=None,
-                  length_penalty=True):
+                  clustering_weight=0.2, cross_group_weight=0.2, in_batch_weight=0.0,
+                  truncated=None, length_penalty=True):
     """Supervised GRACE reward -> (rewards (N,), parts).
-    r_i = s_pos + s_neg + w_clu s_clu + w_x s_x, every term / tau when with_scale.
+    r_i = s_pos + s_neg + w_clu s_clu + w_x s_x + w_ib s_ib, every term / tau when with_scale, with
+    s_ib_i = -1/(n-1) sum_{g' != g(i)} cos(m_i, q_g') (not in the release: w_ib 0 leaves it out).
     parts holds each term as it enters the sum before its weight (scaled, unweighted): positive,
-    negative, clustering, cross_group, and truncated (0/1) when given. negative None: no term.
+    negative, clustering, cross_group, in_batch (when w_ib != 0), truncated (0/1) when given.
     """
     _check(group_size, truncated, temperature, query=query, main=main, negative=negative)
     scale = 1.0 / temperature if with_scale else 1.0
@@ -146,7 +142,10 @@ def grace_rewards(query, main, negative, group_size, *, temperature=0.1, with_sc
     }
     total = (parts["positive"] + parts["negative"] + clustering_weight * parts["clustering"]
              + cross_group_weight * parts["cross_group"])
-    return _finish(total, parts, truncated, length_penalty)
+    if in_batch_weight:  # the unsupervised s_x with a minus: main_i vs the other groups' queries
+        parts["in_batch"] = -cross_group_unsupervised(query, main, group_size) * scale
+        total = total + in_batch_weight * parts["in_batch"]  # (below -1: a fixed -1 would pay)
+    return _finish(total, parts, truncated, length_penalty, below_all=bool(in_batch_weight))
 
 
 def unsupervised_rewards(query, main, group_size, *, temperature=0.1, with_scale=True,
@@ -172,12 +171,10 @@ def infonce_rewards(query, main, negative, group_size, *, temperature=0.1, trunc
     """Per-rollout contrastive reward -> (rewards (N,), parts).
     r_i = cos(m_i, q_g(i))/tau - logsumexp_c cos(m_i, c)/tau, over the candidates c = every group's
     query and (when given) every group's negative: the log-probability that main_i picks out its own
-    query; r_i <= 0 (exactly 0 with one candidate). A truncated rollout gets min(-1, the lowest
-    finished reward - 1): these rewards sit below -1 (chance is -log C), so a fixed -1 would be a
-    bonus and the policy would learn never to stop.
+    query; r_i <= 0. A truncated rollout gets min(-1, the lowest finished reward - 1): these
+    rewards sit below -1 (chance is -log C), so a fixed -1 would be a bonus for never stopping.
     parts: positive (the first term), logsumexp (the second, subtracted), truncated; both / tau.
-    negative=None gives the unsupervised variant (candidates are the queries only). It has no
-    scale switch (the softmax always uses tau) and no weights: passing them is a TypeError.
+    negative=None: the queries are the only candidates. No scale switch, no weights (TypeError).
     """
     _check(group_size, truncated, temperature, query=query, main=main, negative=negative)
     candidates = _groups(query, group_size)[:, 0]  # (n, H): own query of group g is candidate g
@@ -196,15 +193,18 @@ def infonce_rewards(query, main, negative, group_size, *, temperature=0.1, trunc
 # ----------------------------------------------------------------------------- train.py's table
 
 def release_rewards(query, main, negative, group_size, *, temperature=0.1, with_scale=True,
-                    clustering_weight=0.2, cross_group_weight=0.2, truncated=None,
-                    length_penalty=True):
-    """GRACE's reward as released: supervised with a negative, unsupervised without one."""
+                    clustering_weight=0.2, cross_group_weight=0.2, in_batch_weight=0.0,
+                    truncated=None, length_penalty=True):
+    """GRACE's reward as released: supervised with a negative, unsupervised without one (whose s_x
+    is already the in-batch term: in_batch_weight is supervised only)."""
     kw = dict(temperature=temperature, with_scale=with_scale, clustering_weight=clustering_weight,
               cross_group_weight=cross_group_weight, truncated=truncated,
               length_penalty=length_penalty)
     if negative is None:
+        if in_batch_weight:
+            raise ValueError("in_batch_weight is for the supervised reward (with a negative)")
         return unsupervised_rewards(query, main, group_size, **kw)
-    return grace_rewards(query, main, negative, group_size, **kw)
+    return grace_rewards(query, main, negative, group_size, in_batch_weight=in_batch_weight, **kw)
 
 
 REWARDS = {"release": release_rewards, "infonce": infonce_rewards}

@@ -298,19 +298,19 @@ def step_optimizer(model, opt, args, world, finite=True):
 def contrastive_step(model, ref, tok, opt, batch, args, generator, world):
     """--objective contrastive: InfoNCE on the GRACE embeddings (greedy rationales, as evaluated),
     with gradients through the encoder's hidden states instead of through rationale log-probs."""
-    B = len(batch)
-    t0 = time.perf_counter()
+    B, t0 = len(batch), time.perf_counter()
     texts = [r[k] for k in ("query", "positive", "negative") for r in batch]
     encoded = encode(model, tok, texts, args, n=1, temperature=0.0)  # rationales: no gradient
     t1 = time.perf_counter()
     model.train(args.grad_checkpointing)
     ro = encoded.rollout
-    hidden = policy.hidden_states(model, ro.sequences, ro.attention_mask)  # (3B, T, H), with grad
-    emb = policy.mean_pool(hidden, encoded.pool_mask)  # (3B, H)
-    loss = contrastive_loss(emb[:B], emb[B:2 * B], emb[2 * B:], args.tau)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = step_optimizer(model, opt, args, world, bool(torch.isfinite(loss)))
+    for _ in range(args.ppo_epochs):  # optimizer steps on this batch (its rationales are fixed)
+        hidden = policy.hidden_states(model, ro.sequences, ro.attention_mask)  # (3B, T, H)
+        emb = policy.mean_pool(hidden, encoded.pool_mask)  # (3B, H), with grad
+        loss = contrastive_loss(emb[:B], emb[B:2 * B], emb[2 * B:], args.tau)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = step_optimizer(model, opt, args, world, bool(torch.isfinite(loss)))
     model.eval()
     with torch.no_grad():
         hits = (emb[:B] @ emb[B:].T).argmax(-1) == torch.arange(B, device=emb.device)

@@ -1,10 +1,18 @@
-"""Watch GRACE learn on a laptop: tiny-lm on SNLI triplets, base model vs three ways to train it.
+"""Which objective makes the better encoder from tiny-lm at equal budget: GRACE vs contrastive.
 
     python bench/learning.py --snli DATA/snli_triplets/triplets.jsonl \
-        --sts DATA/stsbenchmark/dev.jsonl --wordnet DATA/unsup_sentences
-                    # 3 seeds x 5 trainings + the base model (--runs picks some)
+        --sts DATA/stsbenchmark/dev.jsonl --val DATA/stsbenchmark/train.jsonl \
+        --wordnet DATA/unsup_sentences --tune
+                    # tune each run's lr on --val, then 5 seeds x each run + the base model
     python bench/learning.py --snli ... --sts ... --wordnet ... --seeds 1 --runs release \
         --no-base --train-args="--lr 1e-4"          # one quick try (~2 min)
+
+Tuning (--tune, needs --val): every run trains once per lr of its grid (LR_GRID; contrastive also
+1 and 4 optimizer steps per batch) on a seed no reported run uses (TUNE_SEED), and keeps the
+setting with the best Spearman on --val-pairs pairs of --val: STS Benchmark *train*, never an
+evaluation split. The choice is written to OUT/tuned.json and reused by later runs of the bench.
+During every run the same --val Spearman is logged every --eval-every steps: the learning curves
+(OUT/curves.png, tools/plot.py, seed 0 of each run).
 
 The data (public sets; none ships with the repo, so each is an argument):
 - --snli:    SNLI (https://nlp.stanford.edu/projects/snli/) as triplets, JSONL {anchor, positive
@@ -16,15 +24,19 @@ The data (public sets; none ships with the repo, so each is an argument):
              --data-dir reads): the held-out perplexity lines
 
 The runs (every trained one: same data, same steps x batch size, so EQUAL EXAMPLES; one row per
-run, 3 seeds):
+run, --seeds seeds):
 - base:          the model as shipped, no training
 - GRACE release: GRPO on rationales with the authors' reward (train.py's default)
 - GRACE infonce: GRPO with --reward infonce (a per-rollout contrastive reward)
 - contrastive:   --objective contrastive: InfoNCE on the same pooled embeddings, gradients
-                 through the encoder (greedy rationales); not GRACE, the baseline the paper
-                 does not run
+                 through the encoder (greedy rationales); not GRACE: the paper's "w/ CL
+                 training" baseline in spirit, on this data
+- GRACE + in-batch: the release reward plus the per-rollout in-batch term s_ib
+                 (--in-batch-weight 1, reward.grace_rewards): the collapse cure that stays GRACE
 - LoRA r8:       the GRACE release run with --lora-rank 8 adapters (base frozen, the KL reference
-                 the adapters switched off), at the preset's lr and at 1e-3
+                 the adapters switched off)
+- contrastive, equal time: contrastive given as many steps as take it the GRACE release run's
+                 mean minutes (EQUAL WALL-CLOCK; its steps are cheaper)
 - release + std: (--ablation) the release reward with advantages divided by the group std
 Every other setting is train.py's preset for the model (plus --train-args).
 
@@ -32,6 +44,7 @@ The columns, all measured after training on the final model, greedy rationales
 (evaluate.encode_texts):
 - STS-B dev:    Spearman x100 of cos(h1, h2) vs the gold score on the first --pairs pairs of STS-B
                 dev (measuring only: nothing trains on it), mean +- sd over seeds
+- p vs release: two-sided paired t-test (same seeds) of the STS column against GRACE release
 - cos between:  mean cosine between the embeddings of different texts (those STS texts): near 1 =
                 collapse
 - ppl:          teacher-forced token perplexity (evaluate.perplexity) of the last --ppl-lines lines
@@ -43,13 +56,15 @@ The columns, all measured after training on the final model, greedy rationales
                 the known hack)
 - reward:       GRPO runs: the mean training reward of the first and of the last quarter of the
                 steps
-- min:          minutes of training per run (evaluation not included)
+- steps, min:   batches trained on, and minutes of training (its --val checks included, the
+                final measurement not)
 The base row uses the trained runs' rationale budget (max_new_tokens from their grace.json).
 The table goes to stdout and to OUT/learning.md; each run's row to OUT/rows.jsonl, its model to
 OUT/RUN/seed-S.
 """
 import argparse
 import json
+import re
 import shutil
 import statistics
 import sys
@@ -79,10 +94,13 @@ DATA = {
 }
 WORDNET_EXAMPLES = "wordnet_examples.txt"
 RUNS = {"GRACE release": [], "GRACE infonce": ["--reward", "infonce"],
-        "contrastive": ["--objective", "contrastive"],
-        # LoRA adapters on the same GRPO (release reward): the preset's lr, and 10x (LoRA's usual)
-        "LoRA r8": ["--lora-rank", "8"], "LoRA r8, lr 1e-3": ["--lora-rank", "8", "--lr", "1e-3"]}
+        "GRACE + in-batch": ["--in-batch-weight", "1"],
+        "contrastive": ["--objective", "contrastive"], "LoRA r8": ["--lora-rank", "8"]}
 ABLATION = {"release + std": ["--scale-adv-by-std"]}
+EQUAL_TIME = "contrastive, equal time"
+TUNE_SEED = 100  # the tuning runs' seed: no reported run uses it
+LR_GRID = {"LoRA r8": ["1e-4", "1e-3", "3e-3"], "contrastive": ["3e-5", "1e-4", "3e-4"]}
+DEFAULT_GRID = ["3e-5", "1e-4", "3e-4"]
 
 
 def check_data(args):
@@ -134,21 +152,67 @@ def measure(model_path, sts, pairs, ppl_texts, max_new=None):
                 len=stats["tokens"] / stats["texts"], empty=stats["empty"] / stats["texts"])
 
 
-def train_and_measure(model, label, extra, seed, args, ppl_texts):
-    out = Path(args.out) / label.replace(" ", "").replace("+", "_") / f"seed-{seed}"
-    shutil.rmtree(out, ignore_errors=True)  # the bench's own scratch folder: a rerun replaces it
+def folder(label):
+    return re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-")
+
+
+def train_run(model, out, extra, seed, args):
+    """train.py into `out` (replaced: the bench's own scratch) -> (minutes, metrics rows)."""
+    shutil.rmtree(out, ignore_errors=True)
+    val = ["--eval-data", str(args.val), "--eval-every", str(args.eval_every),
+           "--eval-pairs", str(args.val_pairs)] if args.val else []
     t = time.perf_counter()
     train.main(["--model", model, "--data", str(args.snli), "--seed", str(seed), "--out", str(out),
                 "--threads", str(args.threads), "--log-rationales", "0", "--save-every", "1000000",
-                "--keep-last", "1", *(["--steps", str(args.steps)] if args.steps else []), *extra,
-                *args.train_args.split()])
+                "--keep-last", "1", *(["--steps", str(args.steps)] if args.steps else []), *val,
+                *args.train_args.split(), *extra])  # (extra last: an equal-time run's --steps)
     minutes = (time.perf_counter() - t) / 60
-    m = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return minutes, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_and_measure(model, label, extra, seed, args, ppl_texts):
+    out = Path(args.out) / folder(label) / f"seed-{seed}"
+    minutes, m = train_run(model, out, extra, seed, args)
     k = max(1, len(m) // 4)  # the training reward, first and last quarter: did it move at all?
     trend = {f"reward_{w}": statistics.fmean(r.get("reward", float("nan")) for r in rs)
              for w, rs in (("first", m[:k]), ("last", m[-k:]))}
-    return dict(run=label, seed=seed, minutes=minutes, **trend,
+    return dict(run=label, seed=seed, minutes=minutes, steps=len(m), **trend,
                 **measure(out / "final", args.sts, args.pairs, ppl_texts))
+
+
+def tune(model, runs, args):
+    """-> {run: its extra flags}: each lr of its grid (contrastive: x 1 or 4 steps per batch),
+    one seed (TUNE_SEED), the best last --val Spearman. Written to OUT/tuned.json."""
+    chosen, log = {}, []
+    for label, extra in runs.items():
+        grid = [["--lr", lr] for lr in LR_GRID.get(label, DEFAULT_GRID)]
+        if "--objective" in extra:
+            grid = [g + ["--ppo-epochs", k] for g in grid for k in ("1", "4")]
+        scores = []
+        for g in grid:
+            out = Path(args.out) / "tune" / folder(label) / folder(" ".join(g))
+            _, m = train_run(model, out, [*extra, *g], TUNE_SEED, args)
+            val = [r["sts_dev"] for r in m if "sts_dev" in r]
+            scores.append(val[-1] if val else float("-inf"))
+            log.append(dict(run=label, flags=g, val=scores[-1]))
+            print(f"tune {label} {' '.join(g)}: --val Spearman x100 {scores[-1]:.1f}")
+        chosen[label] = grid[max(range(len(grid)), key=scores.__getitem__)]
+    (Path(args.out) / "tuned.json").write_text(json.dumps(dict(chosen=chosen, log=log), indent=1))
+    return chosen
+
+
+def paired_p(rows, run, key="sts"):
+    """Two-sided paired t-test (same seeds) of `run` against GRACE release on `key`."""
+    from scipy.stats import ttest_rel
+
+    by = {r["run"]: {} for r in rows}
+    for r in rows:
+        by[r["run"]][r["seed"]] = r[key]
+    ref, mine = by.get("GRACE release", {}), by.get(run, {})
+    seeds = sorted(set(ref) & set(mine))
+    if run in ("GRACE release", "base") or len(seeds) < 2:
+        return "—"
+    return f"{ttest_rel([mine[s] for s in seeds], [ref[s] for s in seeds]).pvalue:.3f}"
 
 
 def table(rows, args, model):
@@ -161,9 +225,9 @@ def table(rows, args, model):
     head = (f"{model} on SNLI triplets, {args.steps or 'preset'} steps x the preset batch (equal "
             f"examples), {args.seeds} seed(s), mean ± sd. STS-B dev: first {args.pairs} pairs, "
             "greedy rationales.\n\n"
-            "| run | STS-B dev ρ×100 | cos between texts | held-out ppl | rationale tokens "
-            "| empty | reward first→last | min |\n"
-            "|---|---|---|---|---|---|---|---|\n")
+            "| run | steps | STS-B dev ρ×100 | p vs release | cos between texts | held-out ppl "
+            "| rationale tokens | empty | reward first→last | min |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for run in runs:
         rs = [r for r in rows if r["run"] == run]
@@ -174,7 +238,9 @@ def table(rows, args, model):
                            for w in ("first", "last"))
             reward = f"{first:.3f}→{last:.3f}"
         empty = 100 * statistics.fmean(r['empty'] for r in rs)
-        lines.append(f"| {run} | {ms(rs, 'sts', '{:.1f}')} | {ms(rs, 'cos', '{:.3f}')} | "
+        steps = "—" if run == "base" else rs[0].get("steps", "—")
+        lines.append(f"| {run} | {steps} | {ms(rs, 'sts', '{:.1f}')} | {paired_p(rows, run)} | "
+                     f"{ms(rs, 'cos', '{:.3f}')} | "
                      f"{ms(rs, 'ppl', '{:.1f}')} | {ms(rs, 'len', '{:.1f}')} | {empty:.0f}% | "
                      f"{reward} | {'—' if run == 'base' else ms(rs, 'minutes', '{:.1f}')} |")
     return head + "\n".join(lines) + "\n"
@@ -188,8 +254,15 @@ def main():
     p.add_argument("--model", default="tiny-lm")
     p.add_argument("--steps", type=int, default=30,
                    help="training steps of every run (0: the preset's)")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--pairs", type=int, default=200, help="STS-B dev pairs measured (of 1500)")
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--pairs", type=int, default=1500, help="STS-B dev pairs measured (of 1500)")
+    p.add_argument("--val", type=Path, metavar="FILE", help="the validation signal: STS "
+                   "Benchmark *train* as JSONL (sentence1, sentence2, score); tunes (--tune) and "
+                   "draws the curves")
+    p.add_argument("--val-pairs", type=int, default=500, help="--val pairs used")
+    p.add_argument("--eval-every", type=int, default=10, help="steps between --val checks")
+    p.add_argument("--tune", action="store_true",
+                   help="choose each run's lr on --val first (else OUT/tuned.json's, if any)")
     p.add_argument("--ppl-lines", type=int, default=200)
     p.add_argument("--runs", default=",".join(RUNS),
                    help="comma-separated subset of the trained runs")
@@ -210,21 +283,43 @@ def main():
     runs = {k: v for k, v in RUNS.items() if any(w in k for w in wanted)}
     runs |= ABLATION if args.ablation else {}
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    if args.tune and not args.val:
+        p.error("--tune needs --val FILE (STS Benchmark train)")
+    tuned_file = Path(args.out) / "tuned.json"
+    tuned = tune(args.model, runs, args) if args.tune else \
+        json.loads(tuned_file.read_text())["chosen"] if tuned_file.exists() else {}
     rows = []
-    for label, extra in runs.items():
+
+    def add(label, extra):
         for seed in range(args.seeds):
             rows.append(train_and_measure(args.model, label, extra, seed, args, ppl_texts))
             with open(Path(args.out) / "rows.jsonl", "a") as f:
-                f.write(json.dumps({**rows[-1], "train_args": args.train_args,
-                                    "steps": args.steps}) + "\n")
+                f.write(json.dumps({**rows[-1], "train_args": args.train_args}) + "\n")
+
+    for label, extra in runs.items():
+        add(label, [*extra, *tuned.get(label, [])])
+    done = {r["run"] for r in rows}
+    if {"GRACE release", "contrastive"} <= done:  # equal wall-clock: contrastive's steps are cheaper
+        def per_step(run):
+            return statistics.fmean(r["minutes"] / r["steps"] for r in rows if r["run"] == run)
+        grace = next(r["steps"] for r in rows if r["run"] == "GRACE release")
+        steps = round(grace * per_step("GRACE release") / per_step("contrastive"))
+        add(EQUAL_TIME, [*runs["contrastive"], *tuned.get("contrastive", []), "--steps", str(steps)])
     if not args.no_base:  # the base model with the trained runs' rationale budget (else preset's)
         done = sorted(Path(args.out).glob("*/seed-*/final/grace.json"))
         max_new = json.loads(done[0].read_text())["max_new_tokens"] if rows and done else \
             cli.PRESETS[cli.default_preset(args.model)]["max_new_tokens"]
         rows.insert(0, dict(run="base", seed=0, minutes=0,
                             **measure(args.model, args.sts, args.pairs, ppl_texts, max_new)))
+    if args.val and rows:  # the curves: seed 0 of every run, one PNG
+        from tools import plot
+        plot.main([str(Path(args.out) / folder(r) / "seed-0") for r in dict.fromkeys(
+            r["run"] for r in rows if r["run"] != "base")] + ["--png", str(
+                Path(args.out) / "curves.png")])
     wall = (time.perf_counter() - start) / 60
-    text = table(rows, args, args.model) + f"\nWall time: {wall:.1f} min.\n"
+    chosen = "".join(f"\n- {k}: {' '.join(v)}" for k, v in tuned.items())
+    text = table(rows, args, args.model) + (f"\nChosen on --val ({args.val}):{chosen}\n" if
+                                            tuned else "") + f"\nWall time: {wall:.1f} min.\n"
     print("\n" + text)
     (Path(args.out) / "learning.md").write_text(text)
 

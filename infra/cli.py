@@ -195,6 +195,9 @@ def train_parser(suppress=False):
     a("--no-scale", action="store_true", help="release reward: do not divide its terms by tau")
     a("--clustering-weight", type=float, help="release reward: weight of s_clu (default: 0.2)")
     a("--cross-group-weight", type=float, help="release reward: weight of s_x (default: 0.2)")
+    a("--in-batch-weight", type=float, default=0.0, help="release reward, supervised: weight of "
+      "s_ib, a per-rollout push away from the other texts' queries (0 = as released; "
+      "reward.grace_rewards)")
     a("--no-length-penalty", action="store_true",
       help="no -1 reward for rationales cut at --max-new-tokens")
     a("--scale-adv-by-std", action="store_true",
@@ -207,7 +210,8 @@ def train_parser(suppress=False):
       "rollout batch" + per_preset("mini_batch_size"))
     a("--micro-batch-size", type=int, help="texts per forward/backward on EACH rank: gradient "
       "accumulation (default: a rank's share of the mini-batch, mini / N)")
-    a("--ppo-epochs", type=int, default=1, help="passes over each rollout batch")
+    a("--ppo-epochs", type=int, default=1, help="passes over each rollout batch "
+      "(--objective contrastive: optimizer steps per batch)")
     a("--lr", type=float, help="AdamW learning rate, constant" + per_preset("lr"))
     a("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     a("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip")
@@ -278,7 +282,8 @@ RANGES = dict(batch_size=(1, 1 << 20), group_size=(1, 1024), mini_batch_size=(1,
               eval_pairs=(2, 1 << 30), eval_every=(0, 1 << 40), log_rationales=(0, 1 << 40),
               seed=(0, 2**32 - 1), threads=(1, 1024), top_k=(0, 1 << 30), lr=(0, 1),
               weight_decay=(0, 1), kl_coef=(0, 1e6), clustering_weight=(-1e6, 1e6),
-              cross_group_weight=(-1e6, 1e6), dual_clip=(1, 1e6), temperature=(1e-4, 100),
+              cross_group_weight=(-1e6, 1e6), in_batch_weight=(-1e6, 1e6), dual_clip=(1, 1e6),
+              temperature=(1e-4, 100),
               side_temperature=(0, 100), top_p=(1e-6, 1), tau=(1e-4, 1e6), clip_eps=(1e-6, 1e6),
               max_grad_norm=(1e-12, 1e12), lora_rank=(0, 1 << 16), lora_alpha=(1e-6, 1e6),
               lora_dropout=(0, 0.99))
@@ -317,6 +322,9 @@ def train_args(argv=None):
              if flag in given and option not in takes]
     if wrong:
         p.error(f"{', '.join(wrong)} only apply to --reward release, not --reward {args.reward}")
+    if args.in_batch_weight and args.mode != "supervised":
+        p.error("--in-batch-weight is for --mode supervised (the unsupervised reward's s_x is "
+                "already its in-batch term: --cross-group-weight)")
     if args.objective == "contrastive" and args.mode != "supervised":
         p.error("--objective contrastive needs --mode supervised "
                 "(query, positive, negative records)")
@@ -478,13 +486,14 @@ def check_lengths(args, model, tokenizer):
 
 # a reward's option: the flag that sets it
 REWARD_FLAGS = {"with_scale": "no_scale", "clustering_weight": "clustering_weight",
-                "cross_group_weight": "cross_group_weight"}
+                "cross_group_weight": "cross_group_weight", "in_batch_weight": "in_batch_weight"}
 
 
 def reward_options(args):
     """The options the chosen reward takes (its keyword arguments), from their flags."""
     values = dict(with_scale=not args.no_scale, clustering_weight=args.clustering_weight,
-                  cross_group_weight=args.cross_group_weight)
+                  cross_group_weight=args.cross_group_weight,
+                  in_batch_weight=args.in_batch_weight)
     takes = inspect.signature(reward.REWARDS[args.reward]).parameters
     return {k: v for k, v in values.items() if k in takes}
 

@@ -294,3 +294,32 @@ def test_with_a_truncated_row_the_group_constant_terms_reach_the_advantage():
             assert moved[0] > 0.1 and moved[1:].max() < 1e-9
         else:
             assert moved.max() < 1e-9
+
+
+@pytest.mark.parametrize("groups,G", SHAPES)
+def test_in_batch_term_matches_loop_and_reaches_the_advantage(groups, G):
+    """s_ib_i = -1/(n-1) sum_{g' != g} cos(m_i, q_g') / tau, added with weight w_ib; it varies
+    within a group (so GRPO's advantage keeps it), and w_ib = 0 is the release's reward exactly."""
+    q, m, n = layout(groups, G, seed=5)
+    released, _ = reward.grace_rewards(q.float(), m.float(), n.float(), G, temperature=0.1)
+    r, parts = reward.release_rewards(q.float(), m.float(), n.float(), G, temperature=0.1,
+                                      in_batch_weight=0.5)
+    s_ib = torch.zeros(groups * G, dtype=torch.float64)
+    for i in range(groups * G):
+        others = [cos(m[i], q[g * G]) for g in range(groups) if g != i // G]
+        s_ib[i] = -sum(others) / len(others) / 0.1 if others else 0.0
+    assert torch.allclose(parts["in_batch"].double(), s_ib, atol=1e-5)
+    assert torch.allclose(r.double(), released.double() + 0.5 * s_ib, atol=1e-5)
+    if groups > 1 and G > 1:
+        adv = r - r.reshape(groups, G).mean(-1).repeat_interleave(G)
+        adv0 = released - released.reshape(groups, G).mean(-1).repeat_interleave(G)
+        assert (adv - adv0).abs().max() > 1e-3  # it steers, unlike s_neg and s_x
+    with pytest.raises(ValueError, match="supervised"):
+        reward.release_rewards(q.float(), m.float(), None, G, in_batch_weight=0.5)
+    # a truncated rollout gets less than every finished one (s_ib sits below -1: a fixed -1 paid)
+    cut = torch.zeros(groups * G, dtype=torch.bool)
+    cut[0] = True
+    r_cut, _ = reward.release_rewards(q.float(), m.float(), n.float(), G, temperature=0.1,
+                                      in_batch_weight=5.0, truncated=cut)
+    if groups * G > 1:
+        assert r_cut[0] <= min(-1.0, r_cut[1:].min().item() - 1) + 1e-6

@@ -650,7 +650,8 @@ def test_rewards_come_from_one_table_with_one_signature():
     import reward
 
     common = {"temperature", "truncated", "length_penalty"}
-    values = {"with_scale": True, "clustering_weight": 0.2, "cross_group_weight": 0.2}
+    values = {"with_scale": True, "clustering_weight": 0.2, "cross_group_weight": 0.2,
+              "in_batch_weight": 0.0}
     g = torch.Generator().manual_seed(2)
     q, m, n = (torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1)
                for _ in range(3))
@@ -661,7 +662,7 @@ def test_rewards_come_from_one_table_with_one_signature():
         assert common <= keyword, name
         opts = {k: values[k] for k in keyword - common}  # a KeyError: an option no flag sets
         flags = Namespace(reward=name, no_scale=False, clustering_weight=0.2,
-                          cross_group_weight=0.2)
+                          cross_group_weight=0.2, in_batch_weight=0.0)
         assert cli.reward_options(flags) == opts, name  # what train.py passes is what it takes
         for negative in (n, None):
             r, _ = fn(q, m, negative, 4, temperature=0.1, truncated=None, length_penalty=True,
@@ -863,6 +864,15 @@ def test_contrastive_objective_trains_checkpoints_and_resumes_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     # it did move
     assert any(not torch.equal(a[k], policy.load("tiny")[0].state_dict()[k]) for k in a)
+
+
+def test_contrastive_ppo_epochs_are_optimizer_steps_per_batch(tmp_path):
+    """--objective contrastive --ppo-epochs K: K AdamW steps on each batch (its own steps per
+    batch, for a tuned baseline), counted by AdamW itself."""
+    train.main([*FAST, "--objective", "contrastive", "--kl-coef", "0", "--ppo-epochs", "3",
+                "--steps", "1", "--out", str(tmp_path / "o")])
+    opt = torch.load(tmp_path / "o" / "step-1" / "trainer_state.pt", weights_only=False)["optimizer"]
+    assert {float(v["step"]) for v in opt["state"].values()} == {3.0}
 
 
 @pytest.mark.slow

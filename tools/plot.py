@@ -21,15 +21,15 @@ from pathlib import Path
 PANELS = [
     ("total reward (optimised)", ("reward",)),
     ("reward terms", ("reward/positive", "reward/negative", "reward/clustering",
-                      "reward/cross_group", "reward/logsumexp")),
+                      "reward/cross_group", "reward/in_batch", "reward/logsumexp")),
     ("loss", ("loss",)),
     ("collapse: cos between texts", ("cos_between_texts", "cos_within_group")),
     ("rationale length (tokens)", ("rationale_len",)),
     ("empty / truncated share", ("empty_frac", "truncated_frac")),
     ("KL to the reference", ("kl",)),
-    ("STS dev Spearman x 100", ("sts_dev",)),
+    ("STS Spearman x 100 (--eval-data)", ("sts_dev",)),
 ]
-STYLES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1))]
+STYLES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3))]
 # the settings shown in the title, as named there
 SHOWN = {"model": "model", "objective": "objective", "reward": "reward", "lr": "lr",
          "group_size": "G", "batch_size": "batch", "kl_coef": "kl", "seed": "seed"}

@@ -54,6 +54,10 @@ def test_help_shows_a_help_line_and_the_real_default_for_every_flag(capsys):
     (["--reward", "infonce", "--no-scale"], "--no-scale only apply to --reward release"),
     (["--objective", "contrastive", "--mode", "unsupervised"],
      "--objective contrastive needs --mode supervised"),
+    (["--in-batch-weight", "1", "--mode", "unsupervised"],
+     "--in-batch-weight is for --mode supervised"),
+    (["--reward", "infonce", "--in-batch-weight", "1"],
+     "--in-batch-weight only apply to --reward release"),
 ])
 def test_bad_numbers_are_refused_by_the_parser(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
