@@ -318,7 +318,7 @@ def main():
                 Path(args.out) / "curves.png")])
     wall = (time.perf_counter() - start) / 60
     chosen = "".join(f"\n- {k}: {' '.join(v)}" for k, v in tuned.items())
-    text = table(rows, args, args.model) + (f"\nChosen on --val ({args.val}):{chosen}\n" if
+    text = table(rows, args, args.model) + (f"\nChosen on --val ({tuned_file}):{chosen}\n" if
                                             tuned else "") + f"\nWall time: {wall:.1f} min.\n"
     print("\n" + text)
     (Path(args.out) / "learning.md").write_text(text)
