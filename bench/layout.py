@@ -30,7 +30,7 @@ CONCEPT = {
     T: ("group_advantages", "kl_estimate", "loss_normaliser", "aggregate", "policy_loss",
         "contrastive_loss", "rl_step", "update", "step_optimizer", "contrastive_step", "encode",
         "run", "sts_spearman", "next_batch", "count_nonfinite", "main"),
-    E: ("encode_texts", "GraceEncoder", "_unit", "perplexity", "run",
+    E: ("encode_texts", "GraceEncoder", "_unit", "run",
         "explain", "main"),
     L: (ALL,),
 }
