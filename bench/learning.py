@@ -58,8 +58,8 @@ The columns, all measured after training on the final model through evaluate.Gra
                 regression, --limit --bank-rows rows of each split)
 - cos between:  mean cosine between the embeddings of different texts (the STS texts): near 1 =
                 collapse
-- ppl:          teacher-forced token perplexity (diagnostics.perplexity) of the last --ppl-lines lines
-                of wordnet_examples.txt that tools/pretrain.py's default split held out of
+- ppl:          teacher-forced token perplexity (diagnostics.perplexity) of the last --ppl-lines
+                lines of wordnet_examples.txt that tools/pretrain.py's default split held out of
                 tiny-lm's training (the last lines of the file when tools/pretrain.py is absent):
                 does the policy stay a language model?
 - rationale:    mean rationale length in tokens (stop token excluded) on the STS texts, and the
@@ -166,21 +166,19 @@ def measure(model_path, args, ppl_texts, max_new=None):
     tasks."""
     from scipy.stats import spearmanr
 
-    torch.set_num_threads(args.threads)
     info = Path(model_path) / "grace.json"
     max_new = max_new or json.loads(info.read_text())["max_new_tokens"]
-    rows = [json.loads(line) for line in args.sts.read_text().splitlines()[:args.pairs]]
+    sts = data.load_sts_pairs(args.sts, args.pairs)  # [(sentence1, sentence2, score)]
     model, tok = policy.load(model_path)
     enc = evaluate.GraceEncoder(model_path, model=model, tokenizer=tok, max_new_tokens=max_new,
                                 batch_size=128, threads=args.threads)  # 128: 25% faster than 32
-    texts = [r["sentence1"] for r in rows] + [r["sentence2"] for r in rows]
-    e = torch.from_numpy(enc.encode_texts(texts))  # (2P, H) unit vectors
-    n, stats, pairs = len(e), dict(enc.stats), len(rows)
+    e = torch.from_numpy(enc.encode_texts([a for a, _, _ in sts] + [b for _, b, _ in sts]))
+    n, stats, pairs = len(e), dict(enc.stats), len(sts)  # e: (2P, H) unit vectors
     tasks = [mteb_tasks.local_task(args.scifact, args.sci_queries, args.sci_docs),
              mteb_tasks.local_task(args.banking, args.bank_rows)]
     scores = mteb_tasks.evaluate_model(enc, tasks, None, 128, say=lambda *a, **k: None)
     sci, bank = (100 * scores[t.metadata.name] for t in tasks)
-    return dict(sts=100 * spearmanr((e[:pairs] * e[pairs:]).sum(-1), [r["score"] for r in rows]
+    return dict(sts=100 * spearmanr((e[:pairs] * e[pairs:]).sum(-1), [x for _, _, x in sts]
                                     ).statistic, sci=sci, bank=bank,
                 cos=((e.sum(0) @ e.sum(0) - n) / (n * (n - 1))).item(),
                 ppl=diagnostics.perplexity(model, tok, ppl_texts),
@@ -245,15 +243,14 @@ def tune(model, runs, args):
     calls = [(train_run, model, Path(args.out) / "tune" / folder(label) / folder(" ".join(g)),
               [*runs[label], *g], TUNE_SEED, args, args.steps or args.eval_every)
              for label, grid in grids.items() for g in grid]
-    results, log, chosen, i = parallel(calls, args.jobs), [], {}, 0
+    results, log, chosen = iter(parallel(calls, args.jobs)), [], {}  # in the calls' order
     for label, grid in grids.items():
         scores = []
         for g in grid:
-            val = [r["sts_dev"] for r in results[i][1] if "sts_dev" in r]
+            val = [r["sts_dev"] for r in next(results)[1] if "sts_dev" in r]
             scores.append(val[-1] if val else float("-inf"))
             log.append(dict(run=label, flags=g, val=scores[-1]))
             print(f"tune {label} {' '.join(g)}: --val Spearman x100 {scores[-1]:.1f}")
-            i += 1
         chosen[label] = grid[max(range(len(grid)), key=scores.__getitem__)]
     (Path(args.out) / "tuned.json").write_text(json.dumps(dict(chosen=chosen, log=log), indent=1))
     return chosen
@@ -361,7 +358,7 @@ def main():
             val_sample(args)
         except data.DataError as e:
             sys.exit(f"bench/learning.py: --val {e}")
-    if not args.val:
+    else:
         args.eval_every = 0  # no curves without a validation signal
     tuned_file = Path(args.out) / "tuned.json"
     tuned = tune(args.model, runs, args) if args.tune else \
